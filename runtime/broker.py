@@ -1,0 +1,321 @@
+"""The broker: XSUB for publishers, XPUB for subscribers, and a check on every message.
+
+It does not use the blind ``zmq.proxy``: each message is decoded, its CURVE identity
+(the ``User-Id`` our ZAP handler sets) checked against the ACL and the envelope's
+``sender``, and only then forwarded and handed to the log writer. Subscriptions are
+checked too (``XPUB_MANUAL``). Anything wrong is dropped and reported on
+``sys.rejected`` (bad input) or ``sys.violation`` (ACL), never forwarded.
+
+The forwarding loop is plain blocking pyzmq in one thread: it is the hot path, and
+asyncio scheduling per message would halve its throughput.
+
+Slow subscribers: XPUB_NODROP stays off and each subscriber pipe has a send
+high-water mark of ``sndhwm`` messages; when a subscriber falls that far behind,
+ZeroMQ drops messages to that subscriber only. The broker and the other subscribers
+are never blocked; the slow one sees gaps in each sender's ``seq``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+import structlog
+import zmq
+import zmq.auth.thread
+from zmq.utils import z85
+
+from orchestrator.log.writer import LogWriter
+
+from . import acl
+from . import messages as m
+from .errors import ConfigError
+from .keys import curve_server, known_identities, load_public
+from .paths import DataDir, Endpoints, write_atomic
+
+log = structlog.get_logger("broker")
+
+DEFAULT_MAX_BYTES = 1 << 20
+
+
+class _KnownKeys:
+    """ZAP credentials provider: only keys under data/keys are let in."""
+
+    def __init__(self, table: dict[bytes, str]) -> None:
+        self.by_z85 = {z85.encode(k) if len(k) == 32 else k: v for k, v in table.items()}
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.by_z85
+
+
+class _Authenticator(zmq.auth.thread.ThreadAuthenticator):
+    """Sets each connection's User-Id to the identity name tied to its public key."""
+
+    def __init__(self, ctx: zmq.Context[Any], known: _KnownKeys) -> None:
+        super().__init__(ctx)
+        self.known = known
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.known.by_z85.get(z85.encode(client_public_key), "unknown")
+
+
+def check_bind(endpoint: str, allow_remote: bool) -> None:
+    """Refuse a tcp:// address beyond loopback unless the user asked for it."""
+    if not endpoint.startswith("tcp://"):
+        return
+    host = urlsplit(endpoint).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not allow_remote:
+        raise ConfigError(
+            f"refusing to bind {endpoint}: it is not a loopback address; "
+            "pass --allow-remote if other hosts should reach this broker"
+        )
+
+
+@dataclass
+class BrokerStats:
+    forwarded: int = 0
+    rejected: int = 0
+    violations: int = 0
+    subscriptions: int = 0
+
+
+class Broker:
+    """One broker bound to ``pub``/``sub`` endpoints, serving until :meth:`stop`."""
+
+    def __init__(
+        self,
+        data: DataDir,
+        *,
+        bind: str | None = None,
+        allow_remote: bool = False,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        engine_endpoint: str | None = None,
+        sndhwm: int = 10_000,
+    ) -> None:
+        self.data = data
+        self.max_bytes = max_bytes
+        self.engine_endpoint = engine_endpoint
+        self.sndhwm = sndhwm
+        self.stats = BrokerStats()
+        self._bind = bind
+        self._allow_remote = allow_remote
+        self._stamper = m.Stamper("broker")
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._auth: _Authenticator | None = None
+        self._stop_endpoint = f"inproc://broker-stop-{id(self)}"
+        self._stop_lock = threading.Lock()
+        self._ipc_files: list[Path] = []
+        self._acl_cache: dict[tuple[str, str], str | None] = {}
+        self._writer = LogWriter(data.logs)
+        self.endpoints: Endpoints | None = None
+
+    def _endpoints_for(self) -> tuple[str, str]:
+        if self._bind is None:
+            return self.data.ipc("pub"), self.data.ipc("sub")
+        check_bind(self._bind, self._allow_remote)
+        if not self._bind.startswith("tcp://"):
+            raise ConfigError(f"--bind takes tcp://HOST:PORT, not {self._bind!r}")
+        base = self._bind.rsplit(":", 1)
+        port = int(base[1])
+        return self._bind, f"{base[0]}:{port + 1}"
+
+    def run(self) -> None:
+        """Bind, write endpoints.json, and forward until :meth:`stop` is called."""
+        self.data.ensure()
+        known = _KnownKeys(known_identities(self.data.keys))
+        self._auth = _Authenticator(self._ctx, known)
+        self._auth.start()
+        self._auth.configure_curve_callback("*", credentials_provider=known)
+        xsub = self._ctx.socket(zmq.XSUB)
+        xpub = self._ctx.socket(zmq.XPUB)
+        stop = self._ctx.socket(zmq.PAIR)
+        pub_ep, sub_ep = self._endpoints_for()
+        try:
+            for sock in (xsub, xpub):
+                curve_server(sock, self.data.keys, "broker")
+                sock.linger = 0
+            xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+            xpub.setsockopt(zmq.SNDHWM, self.sndhwm)
+            xsub.setsockopt(zmq.RCVHWM, self.sndhwm)
+            for sock, ep in ((xsub, pub_ep), (xpub, sub_ep)):
+                self._unlink_stale_ipc(ep)
+                sock.bind(ep)
+            stop.bind(self._stop_endpoint)
+            xsub.send(b"\x01")  # receive every topic; the ACL decides, not the filter
+            self._writer.start()
+            self.endpoints = Endpoints(
+                pub=pub_ep,
+                sub=sub_ep,
+                engine=self.engine_endpoint,
+                broker_public_key=load_public(self.data.keys, "broker").decode(),
+            )
+            write_atomic(self.data.endpoints_file, msgspec.json.encode(self.endpoints))
+            log.info("broker_ready", pub=pub_ep, sub=sub_ep)
+            self._serve(xsub, xpub, stop)
+        finally:
+            for sock in (xsub, xpub, stop):
+                sock.close(linger=0)
+            self._auth.stop()
+            self._writer.close()
+            self._ctx.term()
+            self.data.endpoints_file.unlink(missing_ok=True)
+            for path in self._ipc_files:
+                path.unlink(missing_ok=True)
+            log.info("broker_stopped", **vars(self.stats))
+
+    def stop(self) -> None:
+        """Ask the forwarding loop to end (thread-safe)."""
+        with self._stop_lock:
+            sock = self._ctx.socket(zmq.PAIR)
+            try:
+                sock.connect(self._stop_endpoint)
+                sock.send(b"stop")
+            finally:
+                sock.close(linger=1000)
+
+    def _unlink_stale_ipc(self, endpoint: str) -> None:
+        if endpoint.startswith("ipc://"):
+            path = Path(endpoint.removeprefix("ipc://"))
+            path.unlink(missing_ok=True)
+            self._ipc_files.append(path)
+
+    def _serve(self, xsub: zmq.Socket[Any], xpub: zmq.Socket[Any], stop: zmq.Socket[Any]) -> None:
+        poller = zmq.Poller()
+        poller.register(xsub, zmq.POLLIN)
+        poller.register(xpub, zmq.POLLIN)
+        poller.register(stop, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if stop in ready:
+                return
+            if xpub in ready:
+                self._drain_subscriptions(xpub)
+            if xsub in ready:
+                # drain a batch before polling again: poll is the expensive call
+                for _ in range(256):
+                    try:
+                        frames = xsub.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._on_publish(frames, xpub)
+
+    def _drain_subscriptions(self, xpub: zmq.Socket[Any]) -> None:
+        while True:
+            try:
+                frame = xpub.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = frame.bytes
+            if not data or data[0] not in (0, 1):
+                continue
+            identity = _identity(frame)
+            prefix = data[1:].decode("utf-8", "replace")
+            if data[0] == 0:
+                xpub.setsockopt(zmq.UNSUBSCRIBE, data[1:])
+                continue
+            if acl.may_read(identity, prefix):
+                xpub.setsockopt(zmq.SUBSCRIBE, data[1:])
+                self.stats.subscriptions += 1
+            else:
+                self._violate(xpub, identity, prefix, f"{identity} may not subscribe to {prefix!r}")
+
+    def _on_publish(self, frames: list[zmq.Frame], xpub: zmq.Socket[Any]) -> None:
+        identity = _identity(frames[0])
+        topic = frames[0].bytes.decode("utf-8", "replace")[:200]
+        if len(frames) != 2:
+            self._reject(
+                xpub, identity, topic, f"expected 2 frames [topic, payload], got {len(frames)}"
+            )
+            return
+        payload = frames[1].buffer
+        if len(payload) > self.max_bytes:
+            self._reject(
+                xpub,
+                identity,
+                topic,
+                f"message of {len(payload)} bytes exceeds the {self.max_bytes}-byte limit",
+            )
+            return
+        try:
+            envelope = m.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._reject(xpub, identity, topic, f"payload does not decode as an Envelope: {exc}")
+            return
+        if envelope.topic != topic:
+            self._reject(
+                xpub, identity, topic, f"envelope topic {envelope.topic!r} differs from frame topic"
+            )
+            return
+        if envelope.sender != identity:
+            self._violate(
+                xpub,
+                identity,
+                topic,
+                f"sender {envelope.sender!r} is not the authenticated identity {identity!r}",
+            )
+            return
+        key = (identity, topic)
+        if key not in self._acl_cache:
+            self._acl_cache[key] = acl.publish_violation(identity, topic)
+        reason = self._acl_cache[key]
+        if reason is not None:
+            self._violate(xpub, identity, topic, reason)
+            return
+        mismatch = acl.body_mismatch(topic, envelope.body)
+        if mismatch is not None:
+            self._reject(xpub, identity, topic, mismatch)
+            return
+        xpub.send_multipart(frames, copy=False)
+        self.stats.forwarded += 1
+        self._writer.append(envelope)
+
+    def _reject(self, xpub: zmq.Socket[Any], sender: str, topic: str, reason: str) -> None:
+        self.stats.rejected += 1
+        log.warning("message_rejected", sender=sender, topic=topic, reason=reason)
+        self._report(xpub, "sys.rejected", m.Rejected(sender=sender, topic=topic, reason=reason))
+
+    def _violate(self, xpub: zmq.Socket[Any], identity: str, topic: str, reason: str) -> None:
+        self.stats.violations += 1
+        log.warning("acl_violation", identity=identity, topic=topic, reason=reason)
+        self._report(
+            xpub, "sys.violation", m.Violation(identity=identity, topic=topic, reason=reason)
+        )
+
+    def _report(self, xpub: zmq.Socket[Any], topic: str, body: m.Body) -> None:
+        envelope = self._stamper.stamp(topic, body)
+        xpub.send_multipart([topic.encode(), m.encode(envelope)])
+        self._writer.append(envelope)
+
+
+def _identity(frame: zmq.Frame) -> str:
+    try:
+        return str(frame.get("User-Id"))
+    except zmq.ZMQError:
+        return "unknown"
+
+
+def serve(data: DataDir, **options: Any) -> None:
+    """Run a broker in this process until SIGTERM/SIGINT (used by ``runtime broker``)."""
+    import signal
+
+    broker = Broker(data, **options)
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        threading.Thread(target=broker.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    started = time.time()
+    broker.run()
+    log.debug("broker_exit", pid=os.getpid(), uptime_s=round(time.time() - started, 1))

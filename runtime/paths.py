@@ -1,0 +1,114 @@
+"""Where a Chorus instance keeps its files (see DESIGN.md "Data")."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import structlog
+
+log = structlog.get_logger("paths")
+
+# sun_path is 108 bytes on Linux (104 on macOS), including the trailing NUL
+IPC_PATH_LIMIT = 103
+
+
+class Endpoints(msgspec.Struct, frozen=True):
+    """The contents of ``data/run/endpoints.json``: all a peer needs to connect."""
+
+    pub: str  # the broker's XSUB side: publishers connect here
+    sub: str  # the broker's XPUB side: subscribers connect here
+    engine: str | None
+    broker_public_key: str
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("CHORUS_DATA_DIR", "data"))
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """The data directory and the fixed places inside it."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, path: str | os.PathLike[str] | None = None) -> DataDir:
+        return cls(Path(path) if path is not None else default_data_dir())
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def process_logs(self) -> Path:
+        return self.root / "logs" / "process"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def summaries(self) -> Path:
+        return self.root / "summaries"
+
+    @property
+    def endpoints_file(self) -> Path:
+        return self.run / "endpoints.json"
+
+    @property
+    def task_graph(self) -> Path:
+        return self.root / "tasks.graph.json"
+
+    def ensure(self) -> None:
+        for d in (self.logs, self.process_logs, self.keys, self.run, self.summaries):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.keys, 0o700)
+
+    def socket_dir(self) -> Path:
+        """Where ``ipc://`` sockets go: ``data/run`` unless its paths would pass the OS
+        limit, then a short per-data-dir folder under the temp dir."""
+        longest = self.run.resolve() / "engine.sock"
+        if len(str(longest)) <= IPC_PATH_LIMIT:
+            return self.run
+        digest = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
+        short = Path(tempfile.gettempdir()) / f"chorus-{digest}"
+        short.mkdir(mode=0o700, exist_ok=True)
+        log.info(
+            "ipc_path_too_long",
+            path=str(longest),
+            limit=IPC_PATH_LIMIT,
+            using=str(short),
+        )
+        return short
+
+    def ipc(self, name: str) -> str:
+        return f"ipc://{self.socket_dir() / name}.sock"
+
+    def read_endpoints(self) -> Endpoints:
+        """The running instance's endpoints; raises FileNotFoundError if none runs."""
+        return msgspec.json.decode(self.endpoints_file.read_bytes(), type=Endpoints)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write-to-temp, fsync, rename: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
