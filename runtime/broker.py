@@ -128,6 +128,8 @@ class Broker:
             raise ConfigError(f"--bind takes tcp://HOST:PORT, not {self._bind!r}")
         base = self._bind.rsplit(":", 1)
         port = int(base[1])
+        if port == 0:
+            raise ConfigError("--bind needs a fixed port: subscribers use PORT+1")
         return self._bind, f"{base[0]}:{port + 1}"
 
     def run(self) -> None:

@@ -170,7 +170,8 @@ class Bus:
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(None, None, None)
         for sub in list(self._subs):
-            sub._send.close()
+            sub._send.close()  # ends every `async for` over it
+            sub._recv.close()
         for sock in (self._pub, self._sub):
             if sock is not None:
                 sock.close(linger=0)

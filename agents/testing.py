@@ -1,0 +1,28 @@
+"""Agents for testing your own setup: they exercise the task contract with no model."""
+
+from __future__ import annotations
+
+import anyio
+
+from .base import Agent, Task, TaskFailed, TaskResult
+
+
+class EchoAgent(Agent):
+    """Echoes the task text back. ``params``: ``sleep`` (seconds, in 0.1 s steps with
+    progress), ``fail`` (fail with this reason), ``block`` (seconds of blocking work,
+    sent to a thread as agents must)."""
+
+    name = "coder"
+
+    async def on_task(self, task: Task) -> TaskResult:
+        steps = int(float(task.params.get("sleep", "0")) * 10)
+        for i in range(steps):
+            await anyio.sleep(0.1)
+            await self.progress(task, f"step {i + 1} of {steps}", (i + 1) / steps)
+        if "block" in task.params:
+            import time
+
+            await anyio.to_thread.run_sync(time.sleep, float(task.params["block"]))
+        if "fail" in task.params:
+            raise TaskFailed(task.params["fail"])
+        return TaskResult(message=f"echo: {task.text}", data={"text": task.text})

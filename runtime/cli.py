@@ -1,0 +1,346 @@
+"""``python -m runtime``: launch, the broker and agent processes, and the inspection tools."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+
+from . import logconfig, schemas
+from . import messages as m
+from .errors import ChorusError, ConfigError, NotRunning
+from .keys import ensure_keys
+from .paths import DataDir, Endpoints
+
+log = structlog.get_logger("cli")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data directory (default: $CHORUS_DATA_DIR or ./data)",
+    )
+    p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    p.add_argument(
+        "--log-json",
+        action="store_true",
+        help="log JSON lines to data/logs/process/ (used for child processes)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime", description="Chorus: many agents work, one voice speaks."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("launch", help="start every process (and a chat when stdin is a terminal)")
+    _common(p)
+    p.add_argument(
+        "--bind", help="broker endpoint tcp://127.0.0.1:PORT (default: ipc sockets under data/run)"
+    )
+    p.add_argument(
+        "--allow-remote", action="store_true", help="let the broker bind a non-loopback address"
+    )
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("broker", help="run the broker alone")
+    _common(p)
+    p.add_argument("--bind", help="tcp://HOST:PORT for publishers (subscribers get PORT+1)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --bind")
+    p.add_argument(
+        "--max-bytes", type=int, default=1 << 20, help="largest accepted message (default 1 MiB)"
+    )
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("agent", help="run one agent, here or on another host")
+    p.add_argument("name", help="the agent's identity (coder, search, rag)")
+    p.add_argument(
+        "--connect",
+        type=Path,
+        required=True,
+        help="the instance's data dir, or a copy of its endpoints.json",
+    )
+    p.add_argument("--keys", type=Path, help="key directory (default: <data dir>/keys)")
+    p.add_argument("--impl", help="module:Class of the agent (default: the built-in one)")
+    _common(p)
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("tail", help="print live bus messages (monitor identity)")
+    p.add_argument(
+        "prefixes", nargs="*", metavar="PREFIX", help="topic prefixes (default: everything)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON envelope per line")
+    _common(p)
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("config", help="change run-time settings (operator identity)")
+    p.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    _common(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("schemas", help="check or rewrite data/schemas/")
+    p.add_argument("--write", action="store_true", help="rewrite the checked-in schemas")
+    _common(p)
+    p.set_defaults(func=cmd_schemas)
+
+    for name, module, runner, helptext in (
+        ("logs", "orchestrator.log.query", "run_logs", "query the bus log"),
+        ("tasks", "orchestrator.task_graph", "run_tasks", "show the task graph"),
+        (
+            "decisions",
+            "orchestrator.log.query",
+            "run_decisions",
+            "show when the narrator spoke and why",
+        ),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        _common(p)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            p.set_defaults(func=_missing(name))
+            continue
+        mod.add_arguments(p) if name != "decisions" else mod.add_decision_arguments(p)
+        p.set_defaults(func=_data_command(getattr(mod, runner)))
+    return parser
+
+
+def _missing(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise ConfigError(f"`{name}` is not available in this build")
+
+    return run
+
+
+def _data_command(
+    runner: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        args.data_dir = DataDir.at(args.data_dir).root
+        return runner(args)
+
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    data = DataDir.at(args.data_dir)
+    process = args.command if args.command != "agent" else args.name
+    logconfig.configure(
+        process,
+        log_dir=data.process_logs if args.log_json else None,
+        debug=args.debug,
+        console=False if args.log_json else None,
+    )
+    try:
+        code: int = args.func(args)
+        return code
+    except ChorusError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from .broker import serve
+
+    data = DataDir.at(args.data_dir)
+    data.ensure()
+    ensure_keys(data.keys)
+    serve(data, bind=args.bind, allow_remote=args.allow_remote, max_bytes=args.max_bytes)
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .instance import InstanceLock
+    from .supervisor import Supervisor, default_specs
+
+    data = DataDir.at(args.data_dir)
+    data.ensure()
+    ensure_keys(data.keys)
+    broker_args: tuple[str, ...] = ()
+    if args.bind:
+        from .broker import check_bind
+
+        check_bind(args.bind, args.allow_remote)
+        broker_args = ("--bind", args.bind, *(["--allow-remote"] if args.allow_remote else []))
+
+    def ready(name: str, pid: int, seconds: float) -> None:
+        print(f"  ready  {name:<16} pid {pid:<8} {seconds:5.1f} s", flush=True)
+
+    async def launch() -> None:
+        supervisor = Supervisor(
+            data, default_specs(data, debug=args.debug, broker_args=broker_args), on_ready=ready
+        )
+        async with anyio.create_task_group() as tg:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                started = time.monotonic()
+                await tg.start(supervisor.run)
+                print(
+                    f"Chorus is up in {time.monotonic() - started:.1f} s (data: {data.root}). "
+                    "Watch the bus with `python -m runtime tail`; Ctrl-C stops.",
+                    flush=True,
+                )
+                async for _ in signals:
+                    print("stopping…", flush=True)
+                    break
+                await supervisor.stop()
+
+    with InstanceLock(data):
+        anyio.run(launch)
+    print("stopped.", flush=True)
+    return 0
+
+
+def _endpoints_and_keys(target: Path, keys: Path | None) -> tuple[Endpoints, Path]:
+    """``--connect``: a data dir, or an endpoints.json (keys beside it or from --keys)."""
+    if target.is_dir():
+        data = DataDir(target)
+        deadline = time.monotonic() + 30
+        while not data.endpoints_file.exists():
+            if time.monotonic() > deadline:
+                raise NotRunning(
+                    f"no broker runs for {target} (no {data.endpoints_file}); start one with `python -m runtime launch`"
+                )
+            time.sleep(0.1)
+        return data.read_endpoints(), keys or data.keys
+    try:
+        endpoints = msgspec.json.decode(target.read_bytes(), type=Endpoints)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"cannot read endpoints from {target}: {exc}") from exc
+    return endpoints, keys or target.parent.parent / "keys"
+
+
+def _load_agent(name: str, impl: str | None) -> Any:
+    from .supervisor import DEFAULT_AGENTS
+
+    spec = impl or DEFAULT_AGENTS.get(name)
+    if spec is None:
+        raise ConfigError(f"no built-in agent named {name!r}; pass --impl module:Class")
+    module_name, _, cls_name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load agent {spec!r}: {exc}") from exc
+    agent = cls()
+    agent.name = name
+    return agent
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from agents.runtime import AgentHost
+
+    from .bus import Bus
+
+    endpoints, key_dir = _endpoints_and_keys(args.connect, args.keys)
+    agent = _load_agent(args.name, args.impl)
+
+    async def run() -> None:
+        async with Bus(args.name, endpoints, key_dir) as bus:
+            await AgentHost(agent, bus).run()
+
+    anyio.run(run)
+    return 0
+
+
+def _connect_data(args: argparse.Namespace) -> tuple[Endpoints, Path]:
+    data = DataDir.at(args.data_dir)
+    try:
+        return data.read_endpoints(), data.keys
+    except FileNotFoundError:
+        raise NotRunning(
+            f"no Chorus runs against {data.root}; start one with `python -m runtime launch`"
+        ) from None
+
+
+def format_envelope(envelope: m.Envelope) -> str:
+    """One readable line for a person."""
+    stamp = (
+        time.strftime("%H:%M:%S", time.localtime(envelope.ts))
+        + f".{int(envelope.ts * 1000) % 1000:03d}"
+    )
+    fields = msgspec.structs.asdict(envelope.body)
+    body = " ".join(f"{k}={v!r}" for k, v in fields.items() if v not in ("", None, [], {}))
+    conv = f" [{envelope.conversation[:8]}]" if envelope.conversation else ""
+    return f"{stamp} {envelope.topic:<22} {envelope.sender:<12}{conv} {type(envelope.body).__name__} {body}"
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from .bus import Bus
+
+    endpoints, key_dir = _connect_data(args)
+
+    async def run() -> None:
+        async with Bus("monitor", endpoints, key_dir) as bus:
+            subs = [bus.subscribe(p) for p in (args.prefixes or [""])]
+            send, recv = anyio.create_memory_object_stream[m.Envelope](1000)
+
+            async def pump(sub: Any) -> None:
+                async for env in sub:
+                    await send.send(env)
+
+            async with anyio.create_task_group() as tg:
+                for s in subs:
+                    tg.start_soon(pump, s)
+                async for env in recv:
+                    line = msgspec.json.encode(env).decode() if args.json else format_envelope(env)
+                    print(line, flush=True)
+
+    try:
+        anyio.run(run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .bus import Bus
+
+    endpoints, key_dir = _connect_data(args)
+    changes = []
+    for pair in args.pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected KEY=VALUE, got {pair!r}")
+        changes.append(m.ConfigChange(key=key, value=value))
+
+    async def run() -> None:
+        async with Bus("operator", endpoints, key_dir) as bus:
+            for change in changes:
+                await bus.publish("sys.config", change)
+                print(f"set {change.key}={change.value}")
+            await anyio.sleep(0.2)  # let the messages leave before the socket closes
+
+    anyio.run(run)
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    if args.write:
+        for name in schemas.write():
+            print(f"wrote data/schemas/{name}")
+        return 0
+    stale = schemas.drift()
+    if stale:
+        print("schemas differ from the code: " + ", ".join(stale) + " (run `make schemas`)")
+        return 1
+    print("schemas match the code")
+    return 0

@@ -1,0 +1,145 @@
+"""The embedding API: start Chorus from inside an app, or attach to a running one.
+
+    async with runtime.Runtime(data_dir="data") as rt:
+        async for envelope in rt.subscribe("task."):
+            ...
+
+``Runtime`` runs the same supervisor as ``python -m runtime launch`` (the processes stay
+separate) and stops everything on exit; ``connect(data_dir)`` attaches to an instance
+that is already running and stops nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import anyio
+import anyio.abc
+
+from . import messages as m
+from .bus import Bus
+from .errors import NotRunning
+from .instance import InstanceLock
+from .keys import ensure_keys
+from .paths import DataDir
+from .supervisor import Supervisor, default_specs
+
+
+class Connection:
+    """A live connection to a running instance: ``publish`` as ``client``, ``subscribe``
+    as ``monitor`` (which reads everything), ``bus(identity)`` for anything else."""
+
+    def __init__(self, data: DataDir) -> None:
+        self.data = data
+        self._stack = AsyncExitStack()
+        self._client: Bus | None = None
+        self._monitor: Bus | None = None
+
+    async def _open(self) -> None:
+        try:
+            endpoints = self.data.read_endpoints()
+        except FileNotFoundError:
+            raise NotRunning(
+                f"no Chorus runs against {self.data.root} (no {self.data.endpoints_file}); "
+                "start one with `python -m runtime launch`"
+            ) from None
+        self._client = await self._stack.enter_async_context(
+            Bus("client", endpoints, self.data.keys)
+        )
+        self._monitor = await self._stack.enter_async_context(
+            Bus("monitor", endpoints, self.data.keys)
+        )
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+
+    async def publish(
+        self, topic: str, body: m.Body, *, conversation: str | None = None
+    ) -> m.Envelope:
+        """Publish as the ``client`` identity (the broker's ACL applies)."""
+        assert self._client is not None
+        return await self._client.publish(topic, body, conversation=conversation)
+
+    async def subscribe(self, prefix: str = "") -> AsyncIterator[m.Envelope]:
+        """Every envelope whose topic starts with ``prefix``, as the ``monitor`` identity."""
+        assert self._monitor is not None
+        with self._monitor.subscribe(prefix) as sub:
+            async for envelope in sub:
+                yield envelope
+
+    def bus(self, identity: str) -> Bus:
+        """A bus of your own as ``identity`` (use ``async with``); needs that key."""
+        return Bus(identity, self.data.read_endpoints(), self.data.keys)
+
+    async def chat(self, text: str, *, conversation: str | None = None) -> AsyncIterator[m.Chunk]:
+        """Send a user turn and yield the narrator's chunks for it until the final one."""
+        assert self._client is not None
+        conversation = conversation or m.new_id()
+        with self._client.subscribe("user.out") as out:
+            await self.publish("user.in", m.UserTurn(text=text), conversation=conversation)
+            async for envelope in out:
+                if envelope.conversation != conversation or not isinstance(envelope.body, m.Chunk):
+                    continue
+                yield envelope.body
+                if envelope.body.final:
+                    return
+
+
+class Runtime(Connection):
+    """Starts a whole Chorus instance in the current event loop; stops it on exit."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        agents: dict[str, str] | None = None,
+        debug: bool = False,
+    ) -> None:
+        super().__init__(DataDir.at(data_dir))
+        self._agents = agents
+        self._debug = debug
+        self.supervisor: Supervisor | None = None
+
+    async def __aenter__(self) -> Self:
+        self.data.ensure()
+        ensure_keys(self.data.keys)
+        self._stack.enter_context(InstanceLock(self.data))
+        self.supervisor = Supervisor(
+            self.data, default_specs(self.data, agents=self._agents, debug=self._debug)
+        )
+        tg = await self._stack.enter_async_context(anyio.create_task_group())
+        self._stack.push_async_callback(self.supervisor.stop)
+        try:
+            await tg.start(self.supervisor.run)
+            await self._open()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class _Attached(Connection):
+    async def __aenter__(self) -> Self:
+        await self._open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def connect(data_dir: str | os.PathLike[str] | Path | None = None) -> _Attached:
+    """Attach to a running instance: ``async with runtime.connect("data") as rt:``."""
+    return _Attached(DataDir.at(data_dir))

@@ -1,0 +1,312 @@
+"""The supervisor: starts every Chorus process, restarts the ones that die, stops all.
+
+``python -m runtime launch`` and :class:`runtime.Runtime` both run this. Children are
+started in order (broker first), each waited for until ready, and watched: a child
+that exits or misses 5 heartbeats is restarted with exponential backoff (0.5 s doubling
+to 30 s); after 5 restarts within 60 s the supervisor gives up on it (``sys.gave_up``).
+Stopping sends SIGTERM to every child (the broker last), waits up to 10 s, then
+SIGKILLs stragglers, and removes the sockets and the pid file.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any, Literal
+
+import anyio
+import anyio.abc
+import structlog
+
+from . import messages as m
+from .bus import Bus
+from .paths import DataDir
+
+log = structlog.get_logger("supervisor")
+
+BACKOFF_FIRST_S = 0.5
+BACKOFF_CAP_S = 30.0
+GIVE_UP_RESTARTS = 5
+GIVE_UP_WINDOW_S = 60.0
+MISSED_HEARTBEATS = 5
+HEARTBEAT_S = 1.0
+STOP_GRACE_S = 10.0
+READY_TIMEOUT_S = 120.0
+
+Readiness = Literal["endpoints", "heartbeat", "engine"]
+
+# the worker agents and their implementations; replaced per Runtime for tests and apps
+DEFAULT_AGENTS: dict[str, str] = {}
+
+
+@dataclass
+class ChildSpec:
+    """How to start one child process and how to tell it is ready."""
+
+    name: str
+    argv: list[str]
+    ready: Readiness
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    process: anyio.abc.Process | None = None
+    restarts: collections.deque[float] = field(default_factory=collections.deque)
+    last_heartbeat: float = 0.0
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    gave_up: bool = False
+    kill_reason: str = ""
+
+
+def python_argv(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def engine_available() -> bool:
+    """Whether the engine server exists in this build (it lands with the engine issue)."""
+    return importlib.util.find_spec("engine.server") is not None
+
+
+def default_specs(
+    data: DataDir,
+    *,
+    agents: dict[str, str] | None = None,
+    debug: bool = False,
+    broker_args: tuple[str, ...] = (),
+    engine_args: tuple[str, ...] = (),
+) -> list[ChildSpec]:
+    """The children of a full launch, in start order."""
+    common = ["--data-dir", str(data.root), "--log-json", *(["--debug"] if debug else [])]
+    specs = [
+        ChildSpec(
+            "broker", python_argv("-m", "runtime", "broker", *common, *broker_args), "endpoints"
+        )
+    ]
+    if engine_available():
+        specs.append(
+            ChildSpec(
+                "engine", python_argv("-m", "engine", "serve", *common, *engine_args), "engine"
+            )
+        )
+    else:
+        log.info("engine_skipped", reason="the engine server is not built yet (engine issue)")
+    for name, impl in (DEFAULT_AGENTS if agents is None else agents).items():
+        argv = python_argv(
+            "-m", "runtime", "agent", name, "--connect", str(data.root), "--impl", impl, *common[2:]
+        )
+        specs.append(ChildSpec(name, argv, "heartbeat"))
+    return specs
+
+
+class Supervisor:
+    """Runs the children of one instance inside the caller's task group."""
+
+    def __init__(
+        self,
+        data: DataDir,
+        specs: list[ChildSpec],
+        *,
+        on_ready: Callable[[str, int, float], None] | None = None,
+    ) -> None:
+        self.data = data
+        self.children = {spec.name: Child(spec) for spec in specs}
+        self.on_ready = on_ready
+        self.bus: Bus | None = None
+        self.stopping = False
+        self._stopped = anyio.Event()
+        self._bus_ready = anyio.Event()
+        self._stop_requested = anyio.Event()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Start everything; report started once all are ready; run until :meth:`stop`."""
+        self.data.endpoints_file.unlink(missing_ok=True)  # left by a killed broker
+        try:
+            async with anyio.create_task_group() as tg:
+                for child in self.children.values():
+                    started = time.monotonic()
+                    tg.start_soon(self._keep_alive, child)
+                    with anyio.fail_after(READY_TIMEOUT_S):
+                        await child.ready.wait()
+                    if child.spec.name == "broker":
+                        await tg.start(self._bus_loop)
+                    if self.on_ready is not None and child.process is not None:
+                        self.on_ready(
+                            child.spec.name, child.process.pid, time.monotonic() - started
+                        )
+                tg.start_soon(self._heartbeat_watch)
+                task_status.started()
+                await self._stop_requested.wait()
+                await self._stop_children()
+                tg.cancel_scope.cancel()
+        finally:
+            self._cleanup_files()
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """Stop every child and wait until they are gone."""
+        self.stopping = True
+        self._stop_requested.set()
+        await self._stopped.wait()
+
+    # -- children ----------------------------------------------------------------------
+
+    async def _keep_alive(self, child: Child) -> None:
+        while not self.stopping and not child.gave_up:
+            await self._start(child)
+            assert child.process is not None
+            tg_ready = anyio.create_task_group()
+            async with tg_ready:
+                tg_ready.start_soon(self._wait_ready, child, tg_ready.cancel_scope)
+                code = await child.process.wait()
+                tg_ready.cancel_scope.cancel()
+            if self.stopping:
+                return
+            reason = child.kill_reason or f"exited with code {code}"
+            child.kill_reason = ""
+            now = time.monotonic()
+            child.restarts.append(now)
+            while child.restarts and now - child.restarts[0] > GIVE_UP_WINDOW_S:
+                child.restarts.popleft()
+            if len(child.restarts) > GIVE_UP_RESTARTS:
+                child.gave_up = True
+                log.error("child_gave_up", process=child.spec.name, reason=reason)
+                await self._announce("sys.gave_up", child, reason)
+                return
+            delay = min(BACKOFF_FIRST_S * 2 ** (len(child.restarts) - 1), BACKOFF_CAP_S)
+            log.warning("child_restarting", process=child.spec.name, reason=reason, in_s=delay)
+            await anyio.sleep(delay)
+            child.ready = anyio.Event() if child.ready.is_set() else child.ready
+            await self._announce("sys.restart", child, reason)
+
+    async def _start(self, child: Child) -> None:
+        self.data.process_logs.mkdir(parents=True, exist_ok=True)
+        stderr: IO[Any] = (self.data.process_logs / f"{child.spec.name}.stderr").open("ab")
+        try:
+            child.process = await anyio.open_process(
+                child.spec.argv,
+                stdin=None,
+                stdout=stderr,
+                stderr=stderr,
+                env={**os.environ, **child.spec.env},
+                start_new_session=True,  # Ctrl-C reaches the supervisor, which stops children in order
+            )
+        finally:
+            stderr.close()
+        child.last_heartbeat = time.monotonic()
+        log.info("child_started", process=child.spec.name, pid=child.process.pid)
+
+    async def _wait_ready(self, child: Child, scope: anyio.CancelScope) -> None:
+        """Readiness of the broker; the others are ready at their first heartbeat or
+        ``engine.stats`` (see ``_count_beats``)."""
+        if child.spec.ready != "endpoints":
+            return
+        # the broker is another process: its file is the only signal there is
+        while not self.data.endpoints_file.exists():  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+        if self.bus is not None:  # a restarted broker: ready once the bus round-trips again
+            await self._ping()
+        child.ready.set()
+
+    async def _ping(self) -> None:
+        assert self.bus is not None
+        with self.bus.subscribe("sys.ping") as pings:
+            nonce = m.new_id()
+            while True:
+                await self.bus.publish("sys.ping", m.Ping(nonce=nonce))
+                with anyio.move_on_after(0.2):
+                    async for env in pings:
+                        if isinstance(env.body, m.Ping) and env.body.nonce == nonce:
+                            return
+
+    async def _bus_loop(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with Bus("supervisor", self.data.read_endpoints(), self.data.keys) as bus:
+            self.bus = bus
+            await self._ping()
+            with bus.subscribe("heartbeat.") as beats, bus.subscribe("engine.stats") as stats:
+                task_status.started()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._count_beats, beats)
+                    tg.start_soon(self._count_beats, stats)
+
+    async def _count_beats(self, sub: Any) -> None:
+        async for env in sub:
+            name = "engine" if env.topic == "engine.stats" else env.topic.removeprefix("heartbeat.")
+            child = self.children.get(name)
+            if child is not None:
+                child.last_heartbeat = time.monotonic()
+                child.ready.set()
+
+    async def _heartbeat_watch(self) -> None:
+        while True:
+            await anyio.sleep(HEARTBEAT_S)
+            now = time.monotonic()
+            for child in self.children.values():
+                if child.spec.ready == "endpoints" or not child.ready.is_set():
+                    continue
+                if child.spec.ready == "engine":
+                    continue  # the engine reports every 2 s; its exit is what restarts it
+                silent = now - child.last_heartbeat
+                if silent > MISSED_HEARTBEATS * HEARTBEAT_S and child.process is not None:
+                    child.kill_reason = (
+                        f"missed {MISSED_HEARTBEATS} heartbeats ({silent:.1f} s silent)"
+                    )
+                    log.warning("child_silent", process=child.spec.name, silent_s=round(silent, 1))
+                    _signal(child.process, signal.SIGKILL)
+                    child.last_heartbeat = now
+
+    async def _announce(self, topic: str, child: Child, reason: str) -> None:
+        if self.bus is None:
+            return
+        pid = child.process.pid if child.process else 0
+        body = m.ProcessEvent(
+            process=child.spec.name, reason=reason, restarts=len(child.restarts), pid=pid
+        )
+        await self.bus.publish(topic, body)
+
+    async def _stop_children(self) -> None:
+        order = [c for c in self.children.values() if c.spec.name != "broker"]
+        order += [c for c in self.children.values() if c.spec.name == "broker"]
+        for group in (order[:-1], order[-1:]):  # everyone else, then the broker
+            alive = [
+                c.process for c in group if c.process is not None and c.process.returncode is None
+            ]
+            for proc in alive:
+                _signal(proc, signal.SIGTERM)
+            with anyio.move_on_after(STOP_GRACE_S):
+                for proc in alive:
+                    await proc.wait()
+            for proc in alive:
+                if proc.returncode is None:
+                    log.warning("child_killed", pid=proc.pid, after_s=STOP_GRACE_S)
+                    _signal(proc, signal.SIGKILL)
+                    await proc.wait()
+
+    def _cleanup_files(self) -> None:
+        self.data.endpoints_file.unlink(missing_ok=True)
+        sockets = self.data.socket_dir()
+        for sock in sockets.glob("*.sock"):
+            sock.unlink(missing_ok=True)
+        if sockets != self.data.run:
+            try:
+                sockets.rmdir()
+            except OSError:
+                pass
+
+
+def _signal(proc: anyio.abc.Process, signum: signal.Signals) -> None:
+    try:
+        proc.send_signal(signum)
+    except ProcessLookupError:
+        pass
