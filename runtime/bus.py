@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -71,8 +70,14 @@ class Subscription:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
 
-    def __aiter__(self) -> AsyncIterator[m.Envelope]:
-        return self._recv.__aiter__()
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> m.Envelope:
+        try:
+            return await self._recv.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
 
     async def receive(self) -> m.Envelope:
         """The next envelope; raises ``anyio.EndOfStream`` once the bus closes."""

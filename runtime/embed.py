@@ -22,7 +22,7 @@ import anyio
 import anyio.abc
 
 from . import messages as m
-from .bus import Bus
+from .bus import Bus, Subscription
 from .errors import NotRunning
 from .instance import InstanceLock
 from .keys import ensure_keys
@@ -65,12 +65,11 @@ class Connection:
         assert self._client is not None
         return await self._client.publish(topic, body, conversation=conversation)
 
-    async def subscribe(self, prefix: str = "") -> AsyncIterator[m.Envelope]:
-        """Every envelope whose topic starts with ``prefix``, as the ``monitor`` identity."""
+    def subscribe(self, prefix: str = "") -> Subscription:
+        """Every envelope whose topic starts with ``prefix``, read as ``monitor``.
+        Registered at once; iterate with ``async for`` and close it (``with``) when done."""
         assert self._monitor is not None
-        with self._monitor.subscribe(prefix) as sub:
-            async for envelope in sub:
-                yield envelope
+        return self._monitor.subscribe(prefix)
 
     def bus(self, identity: str) -> Bus:
         """A bus of your own as ``identity`` (use ``async with``); needs that key."""

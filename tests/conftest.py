@@ -43,7 +43,15 @@ class BrokerProcess:
         self.stderr = self.data.root / "broker.stderr"
         with self.stderr.open("ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "runtime", "broker", "--data-dir", str(self.data.root), *self.extra],
+                [
+                    sys.executable,
+                    "-m",
+                    "runtime",
+                    "broker",
+                    "--data-dir",
+                    str(self.data.root),
+                    *self.extra,
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )

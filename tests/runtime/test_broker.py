@@ -48,7 +48,9 @@ async def settle() -> None:
     await anyio.sleep(0.3)
 
 
-async def next_matching(sub: Subscription, pred: Callable[[m.Envelope], bool], timeout: float = 5) -> m.Envelope:
+async def next_matching(
+    sub: Subscription, pred: Callable[[m.Envelope], bool], timeout: float = 5
+) -> m.Envelope:
     with anyio.fail_after(timeout):
         async for env in sub:
             if pred(env):
@@ -56,13 +58,17 @@ async def next_matching(sub: Subscription, pred: Callable[[m.Envelope], bool], t
     raise AssertionError("subscription ended")
 
 
-async def nothing_matching(sub: Subscription, pred: Callable[[m.Envelope], bool], wait: float = 0.5) -> None:
+async def nothing_matching(
+    sub: Subscription, pred: Callable[[m.Envelope], bool], wait: float = 0.5
+) -> None:
     with anyio.move_on_after(wait):
         async for env in sub:
             assert not pred(env), f"unexpected {env}"
 
 
-async def test_every_body_type_round_trips_through_the_broker(data: DataDir, broker: BrokerProcess) -> None:
+async def test_every_body_type_round_trips_through_the_broker(
+    data: DataDir, broker: BrokerProcess
+) -> None:
     ep = data.read_endpoints()
     async with Bus("monitor", ep, data.keys) as mon:
         everything = mon.subscribe("")
@@ -128,7 +134,11 @@ async def test_monitor_may_not_publish(data: DataDir, broker: BrokerProcess) -> 
 
 async def test_worker_cannot_subscribe_to_user_in(data: DataDir, broker: BrokerProcess) -> None:
     ep = data.read_endpoints()
-    async with Bus("monitor", ep, data.keys) as mon, Bus("coder", ep, data.keys) as coder, Bus("client", ep, data.keys) as client:
+    async with (
+        Bus("monitor", ep, data.keys) as mon,
+        Bus("coder", ep, data.keys) as coder,
+        Bus("client", ep, data.keys) as client,
+    ):
         everything = mon.subscribe("")
         await settle()
         snoop = coder.subscribe("user.in")
@@ -139,12 +149,18 @@ async def test_worker_cannot_subscribe_to_user_in(data: DataDir, broker: BrokerP
         await nothing_matching(snoop, lambda e: True)
 
 
-async def test_unknown_key_is_refused_at_the_handshake(data: DataDir, broker: BrokerProcess) -> None:
+async def test_unknown_key_is_refused_at_the_handshake(
+    data: DataDir, broker: BrokerProcess
+) -> None:
     ep = data.read_endpoints()
     public, secret = zmq.curve_keypair()
     ctx = zmq.asyncio.Context()
     sub = ctx.socket(zmq.SUB)
-    sub.curve_publickey, sub.curve_secretkey, sub.curve_serverkey = public, secret, ep.broker_public_key.encode()
+    sub.curve_publickey, sub.curve_secretkey, sub.curve_serverkey = (
+        public,
+        secret,
+        ep.broker_public_key.encode(),
+    )
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(ep.sub)
     try:
@@ -159,7 +175,9 @@ async def test_unknown_key_is_refused_at_the_handshake(data: DataDir, broker: Br
         ctx.term()
 
 
-def _raw_pub(data: DataDir, identity: str) -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes]]:
+def _raw_pub(
+    data: DataDir, identity: str
+) -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes]]:
     ep = data.read_endpoints()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     pub = ctx.socket(zmq.PUB)
@@ -168,7 +186,9 @@ def _raw_pub(data: DataDir, identity: str) -> tuple[zmq.Context[zmq.Socket[bytes
     return ctx, pub
 
 
-async def test_malformed_and_oversized_input_is_rejected_without_harming_traffic(data: DataDir, broker: BrokerProcess) -> None:
+async def test_malformed_and_oversized_input_is_rejected_without_harming_traffic(
+    data: DataDir, broker: BrokerProcess
+) -> None:
     ep = data.read_endpoints()
     ctx, raw = _raw_pub(data, "coder")
     stamper = m.Stamper("coder")
@@ -176,9 +196,26 @@ async def test_malformed_and_oversized_input_is_rejected_without_harming_traffic
         ([b"event.coder", b"\xc1\xff garbage"], "does not decode"),
         ([b"event.coder"], "expected 2 frames"),
         ([b"event.coder", b"a", b"b"], "expected 2 frames"),
-        ([b"event.coder", m.encode(stamper.stamp("task.update", m.TaskUpdate(task="t", state="accepted")))], "differs from frame topic"),
-        ([b"event.coder", m.encode(stamper.stamp("event.coder", m.UserTurn(text="x")))], "carries Fault, Note"),
-        ([b"event.coder", m.encode(stamper.stamp("event.coder", m.Note(name="big", data={"pad": "x" * (1 << 20)})))], "exceeds"),
+        (
+            [
+                b"event.coder",
+                m.encode(stamper.stamp("task.update", m.TaskUpdate(task="t", state="accepted"))),
+            ],
+            "differs from frame topic",
+        ),
+        (
+            [b"event.coder", m.encode(stamper.stamp("event.coder", m.UserTurn(text="x")))],
+            "carries Fault, Note",
+        ),
+        (
+            [
+                b"event.coder",
+                m.encode(
+                    stamper.stamp("event.coder", m.Note(name="big", data={"pad": "x" * (1 << 20)}))
+                ),
+            ],
+            "exceeds",
+        ),
     ]
     try:
         async with Bus("monitor", ep, data.keys) as mon, Bus("coder", ep, data.keys) as good:
@@ -199,7 +236,9 @@ async def test_malformed_and_oversized_input_is_rejected_without_harming_traffic
     assert broker.proc is not None and broker.proc.poll() is None, "the broker died on bad input"
 
 
-def test_endpoints_file_names_everything_a_monitor_needs(data: DataDir, broker: BrokerProcess) -> None:
+def test_endpoints_file_names_everything_a_monitor_needs(
+    data: DataDir, broker: BrokerProcess
+) -> None:
     raw = json.loads(data.endpoints_file.read_text())
     assert set(raw) == {"pub", "sub", "engine", "broker_public_key"}
     assert raw["pub"].startswith("ipc://") and raw["sub"].startswith("ipc://")
@@ -239,14 +278,20 @@ async def test_tcp_broker_on_loopback(data: DataDir) -> None:
         assert b.stop() == 0
 
 
-async def test_accepted_envelopes_reach_the_log_and_shutdown_is_clean(data: DataDir, broker: BrokerProcess) -> None:
+async def test_accepted_envelopes_reach_the_log_and_shutdown_is_clean(
+    data: DataDir, broker: BrokerProcess
+) -> None:
     ep = data.read_endpoints()
     async with Bus("coder", ep, data.keys) as coder:
         sent = await coder.publish("event.coder", m.Note(name="logged"))
     deadline = time.monotonic() + 5
     lines: list[dict[str, object]] = []
     while time.monotonic() < deadline:
-        lines = [json.loads(line) for f in data.logs.glob("*.jsonl") for line in f.read_text().splitlines()]
+        lines = [
+            json.loads(line)
+            for f in data.logs.glob("*.jsonl")
+            for line in f.read_text().splitlines()
+        ]
         if any(line["id"] == sent.id for line in lines):
             break
         await anyio.sleep(0.1)

@@ -13,11 +13,20 @@ SAMPLES: list[m.Body] = [
     m.Chunk(stream="s1", seq=3, delta="wor", final=True, finish="done", sources=["a.md"]),
     m.TaskAssign(task="t1", kind="code", text="print(1)", params={"sleep": "1"}),
     m.TaskCancel(task="t1", reason="user asked"),
-    m.TaskUpdate(task="t1", state="result", message="ok", data={"stdout": "1\n"}, artefacts=["x.py"]),
+    m.TaskUpdate(
+        task="t1", state="result", message="ok", data={"stdout": "1\n"}, artefacts=["x.py"]
+    ),
     m.Cue(speak_now=True, priority=2, reason="result", cover=["t1"]),
     m.Decision(action="held", reason="min gap"),
     m.Heartbeat(state="busy", task="t1", queue_depth=2, load=0.5, pid=42),
-    m.EngineStats(tokens_per_s=12.5, sessions=1, active_requests=0, cache_fill=0.3, device="cpu", resident_mb=512.0),
+    m.EngineStats(
+        tokens_per_s=12.5,
+        sessions=1,
+        active_requests=0,
+        cache_fill=0.3,
+        device="cpu",
+        resident_mb=512.0,
+    ),
     m.ConfigChange(key="idle_s", value="4"),
     m.Ack(id="abc"),
     m.Ping(nonce="n"),
@@ -52,7 +61,18 @@ def test_garbage_does_not_decode() -> None:
     with pytest.raises((msgspec.DecodeError, msgspec.ValidationError)):
         m.decode(b"\x93\x01\x02garbage")
     with pytest.raises(msgspec.ValidationError):
-        m.decode(msgspec.msgpack.encode({"id": "x", "topic": "t", "sender": "s", "ts": 1.0, "seq": 1, "body": {"type": "Nope"}}))
+        m.decode(
+            msgspec.msgpack.encode(
+                {
+                    "id": "x",
+                    "topic": "t",
+                    "sender": "s",
+                    "ts": 1.0,
+                    "seq": 1,
+                    "body": {"type": "Nope"},
+                }
+            )
+        )
 
 
 def test_checked_in_schemas_match_the_code() -> None:

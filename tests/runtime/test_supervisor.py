@@ -1,0 +1,155 @@
+"""The supervisor with real processes: readiness, restarts, giving up, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+import runtime.supervisor as supervisor_module
+from runtime import messages as m
+from runtime.embed import Runtime
+from runtime.errors import AlreadyRunning
+from runtime.paths import DataDir
+from tests.conftest import pid_alive
+
+ECHO = {"coder": "agents.testing:EchoAgent"}
+
+
+async def next_heartbeat(rt: Runtime, name: str, other_than: int = 0) -> m.Heartbeat:
+    with anyio.fail_after(30), rt.subscribe(f"heartbeat.{name}") as beats:
+        async for env in beats:
+            assert isinstance(env.body, m.Heartbeat)
+            if env.body.pid != other_than:
+                return env.body
+    raise AssertionError("unreachable")
+
+
+def child_pid(rt: Runtime, name: str) -> int:
+    assert rt.supervisor is not None
+    proc = rt.supervisor.children[name].process
+    assert proc is not None
+    return proc.pid
+
+
+def assert_nothing_left(data: DataDir, pids: list[int]) -> None:
+    assert not any(pid_alive(pid) for pid in pids), "a child outlived the supervisor"
+    assert not data.endpoints_file.exists()
+    assert not (data.run / "launch.pid").exists()
+    assert not list(data.socket_dir().glob("*.sock"))
+
+
+async def test_runtime_starts_restarts_a_killed_child_and_stops_clean(tmp_path: Path) -> None:
+    data = DataDir(tmp_path / "data")
+    async with Runtime(data.root, agents=ECHO) as rt:
+        first = await next_heartbeat(rt, "coder")
+        pids = [child_pid(rt, "broker"), first.pid]
+        with anyio.fail_after(30):
+            restarts = rt.subscribe("sys.restart")
+            os.kill(first.pid, signal.SIGKILL)
+            again = await next_heartbeat(rt, "coder", other_than=first.pid)
+            event = await anext(restarts)
+        assert again.pid != first.pid
+        assert isinstance(event.body, m.ProcessEvent) and event.body.process == "coder"
+        assert "exited" in event.body.reason
+        pids.append(again.pid)
+    assert_nothing_left(data, pids)
+
+
+async def test_broker_restart_mid_task_the_task_still_completes(tmp_path: Path) -> None:
+    data = DataDir(tmp_path / "data")
+    async with Runtime(data.root, agents=ECHO) as rt:
+        await next_heartbeat(rt, "coder")
+        async with rt.bus("controller") as controller:
+            updates = controller.subscribe("task.update")
+            await anyio.sleep(0.3)
+            os.kill(child_pid(rt, "broker"), signal.SIGKILL)
+            sent = await controller.publish(
+                "task.assign.coder",
+                m.TaskAssign(task="survives", kind="echo", text="hi", params={"sleep": "0.5"}),
+            )
+            with anyio.fail_after(30):
+                await controller.delivered(sent.id)
+                async for env in updates:
+                    if isinstance(env.body, m.TaskUpdate) and env.body.state == "result":
+                        assert env.body.task == "survives"
+                        break
+        await next_heartbeat(rt, "coder")  # the agent and our monitor reconnected too
+
+
+async def test_silent_child_is_killed_and_restarted(tmp_path: Path) -> None:
+    data = DataDir(tmp_path / "data")
+    async with Runtime(data.root, agents=ECHO) as rt:
+        first = await next_heartbeat(rt, "coder")
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            again = await next_heartbeat(rt, "coder", other_than=first.pid)
+        finally:
+            if pid_alive(first.pid):
+                os.kill(first.pid, signal.SIGKILL)
+        assert again.pid != first.pid
+
+
+async def test_supervisor_gives_up_on_a_child_that_keeps_dying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(supervisor_module, "BACKOFF_FIRST_S", 0.01)
+    data = DataDir(tmp_path / "data")
+    async with Runtime(data.root, agents=ECHO) as rt:
+        await next_heartbeat(rt, "coder")
+        assert rt.supervisor is not None
+        child = rt.supervisor.children["coder"]
+        child.spec.argv = [sys.executable, "-c", "raise SystemExit(3)"]
+        gave_up = rt.subscribe("sys.gave_up")
+        os.kill(child_pid(rt, "coder"), signal.SIGKILL)
+        with anyio.fail_after(30):
+            env = await anext(gave_up)
+        assert isinstance(env.body, m.ProcessEvent) and env.body.process == "coder"
+        assert child.gave_up
+
+
+async def test_second_instance_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    data = DataDir(tmp_path / "data")
+    async with Runtime(data.root, agents={}):
+        with pytest.raises(AlreadyRunning, match="already runs"):
+            async with Runtime(data.root, agents={}):
+                pass
+
+
+def test_launch_cli_starts_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    data = DataDir(tmp_path / "data")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime", "launch", "--data-dir", str(data.root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        lines.append(line)
+        if "Chorus is up" in line or time.monotonic() > deadline:
+            break
+    assert any("ready  broker" in line for line in lines), lines
+    broker_pid = int(
+        next(line for line in lines if "ready  broker" in line).split("pid")[1].split()[0]
+    )
+    second = subprocess.run(
+        [sys.executable, "-m", "runtime", "launch", "--data-dir", str(data.root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 2 and "already runs" in second.stderr
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "stopped." in out
+    assert_nothing_left(data, [broker_pid])
