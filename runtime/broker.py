@@ -29,41 +29,19 @@ from urllib.parse import urlsplit
 import msgspec
 import structlog
 import zmq
-import zmq.auth.thread
-from zmq.utils import z85
 
 from orchestrator.log.writer import LogWriter
 
 from . import acl
 from . import messages as m
+from .auth import Authenticator, identity_of
 from .errors import ConfigError
-from .keys import curve_server, known_identities, load_public
+from .keys import curve_server, load_public
 from .paths import DataDir, Endpoints, write_atomic
 
 log = structlog.get_logger("broker")
 
 DEFAULT_MAX_BYTES = 1 << 20
-
-
-class _KnownKeys:
-    """ZAP credentials provider: only keys under data/keys are let in."""
-
-    def __init__(self, table: dict[bytes, str]) -> None:
-        self.by_z85 = {z85.encode(k) if len(k) == 32 else k: v for k, v in table.items()}
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.by_z85
-
-
-class _Authenticator(zmq.auth.thread.ThreadAuthenticator):
-    """Sets each connection's User-Id to the identity name tied to its public key."""
-
-    def __init__(self, ctx: zmq.Context[Any], known: _KnownKeys) -> None:
-        super().__init__(ctx)
-        self.known = known
-
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        return self.known.by_z85.get(z85.encode(client_public_key), "unknown")
 
 
 def check_bind(endpoint: str, allow_remote: bool) -> None:
@@ -112,7 +90,7 @@ class Broker:
         self._allow_remote = allow_remote
         self._stamper = m.Stamper("broker")
         self._ctx: zmq.Context[Any] = zmq.Context()
-        self._auth: _Authenticator | None = None
+        self._auth: Authenticator | None = None
         self._stop_endpoint = f"inproc://broker-stop-{id(self)}"
         self._stop_lock = threading.Lock()
         self._ipc_files: list[Path] = []
@@ -135,10 +113,8 @@ class Broker:
     def run(self) -> None:
         """Bind, write endpoints.json, and forward until :meth:`stop` is called."""
         self.data.ensure()
-        known = _KnownKeys(known_identities(self.data.keys))
-        self._auth = _Authenticator(self._ctx, known)
+        self._auth = Authenticator(self._ctx, self.data.keys)
         self._auth.start()
-        self._auth.configure_curve_callback("*", credentials_provider=known)
         xsub = self._ctx.socket(zmq.XSUB)
         xpub = self._ctx.socket(zmq.XPUB)
         stop = self._ctx.socket(zmq.PAIR)
@@ -221,7 +197,7 @@ class Broker:
             data = frame.bytes
             if not data or data[0] not in (0, 1):
                 continue
-            identity = _identity(frame)
+            identity = identity_of(frame)
             prefix = data[1:].decode("utf-8", "replace")
             if data[0] == 0:
                 xpub.setsockopt(zmq.UNSUBSCRIBE, data[1:])
@@ -233,7 +209,7 @@ class Broker:
                 self._violate(xpub, identity, prefix, f"{identity} may not subscribe to {prefix!r}")
 
     def _on_publish(self, frames: list[zmq.Frame], xpub: zmq.Socket[Any]) -> None:
-        identity = _identity(frames[0])
+        identity = identity_of(frames[0])
         topic = frames[0].bytes.decode("utf-8", "replace")[:200]
         if len(frames) != 2:
             self._reject(
@@ -298,13 +274,6 @@ class Broker:
         envelope = self._stamper.stamp(topic, body)
         xpub.send_multipart([topic.encode(), m.encode(envelope)])
         self._writer.append(envelope)
-
-
-def _identity(frame: zmq.Frame) -> str:
-    try:
-        return str(frame.get("User-Id"))
-    except zmq.ZMQError:
-        return "unknown"
 
 
 def serve(data: DataDir, **options: Any) -> None:

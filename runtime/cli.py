@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-remote", action="store_true", help="let the broker bind a non-loopback address"
     )
+    p.add_argument(
+        "--model",
+        help="a local Hugging Face directory or .gguf file (default: SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--sink", type=int, help="attention sink tokens (default 4)")
+    p.add_argument("--window", type=int, help="rolling window tokens (default 1020)")
+    p.add_argument(
+        "--no-engine", action="store_true", help="start without the engine (bus and agents only)"
+    )
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("broker", help="run the broker alone")
@@ -62,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-bytes", type=int, default=1 << 20, help="largest accepted message (default 1 MiB)"
     )
+    p.add_argument("--engine-endpoint", help="the engine's endpoint, written to endpoints.json")
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("agent", help="run one agent, here or on another host")
@@ -165,7 +176,13 @@ def cmd_broker(args: argparse.Namespace) -> int:
     data = DataDir.at(args.data_dir)
     data.ensure()
     ensure_keys(data.keys)
-    serve(data, bind=args.bind, allow_remote=args.allow_remote, max_bytes=args.max_bytes)
+    serve(
+        data,
+        bind=args.bind,
+        allow_remote=args.allow_remote,
+        max_bytes=args.max_bytes,
+        engine_endpoint=args.engine_endpoint,
+    )
     return 0
 
 
@@ -187,9 +204,25 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print(f"  ready  {name:<16} pid {pid:<8} {seconds:5.1f} s", flush=True)
 
     async def launch() -> None:
-        supervisor = Supervisor(
-            data, default_specs(data, debug=args.debug, broker_args=broker_args), on_ready=ready
+        engine_args = tuple(
+            arg
+            for flag, value in (
+                ("--model", args.model),
+                ("--device", args.device),
+                ("--sink", args.sink),
+                ("--window", args.window),
+            )
+            if value is not None
+            for arg in (flag, str(value))
         )
+        specs = default_specs(
+            data,
+            debug=args.debug,
+            engine=not args.no_engine,
+            broker_args=broker_args,
+            engine_args=engine_args,
+        )
+        supervisor = Supervisor(data, specs, on_ready=ready)
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 started = time.monotonic()

@@ -97,10 +97,12 @@ class Runtime(Connection):
         data_dir: str | os.PathLike[str] | None = None,
         *,
         agents: dict[str, str] | None = None,
+        engine: bool = True,
         debug: bool = False,
     ) -> None:
         super().__init__(DataDir.at(data_dir))
         self._agents = agents
+        self._engine = engine
         self._debug = debug
         self.supervisor: Supervisor | None = None
 
@@ -109,7 +111,8 @@ class Runtime(Connection):
         ensure_keys(self.data.keys)
         self._stack.enter_context(InstanceLock(self.data))
         self.supervisor = Supervisor(
-            self.data, default_specs(self.data, agents=self._agents, debug=self._debug)
+            self.data,
+            default_specs(self.data, agents=self._agents, engine=self._engine, debug=self._debug),
         )
         tg = await self._stack.enter_async_context(anyio.create_task_group())
         self._stack.push_async_callback(self.supervisor.stop)

@@ -80,24 +80,25 @@ def default_specs(
     *,
     agents: dict[str, str] | None = None,
     debug: bool = False,
+    engine: bool = True,
     broker_args: tuple[str, ...] = (),
     engine_args: tuple[str, ...] = (),
 ) -> list[ChildSpec]:
-    """The children of a full launch, in start order."""
+    """The children of a full launch, in start order (``engine=False`` leaves it out)."""
     common = ["--data-dir", str(data.root), "--log-json", *(["--debug"] if debug else [])]
-    specs = [
-        ChildSpec(
-            "broker", python_argv("-m", "runtime", "broker", *common, *broker_args), "endpoints"
-        )
-    ]
-    if engine_available():
+    with_engine = engine and engine_available()
+    if with_engine:
+        broker_args = (*broker_args, "--engine-endpoint", data.ipc("engine"))
+    broker = python_argv("-m", "runtime", "broker", *common, *broker_args)
+    specs = [ChildSpec("broker", broker, "endpoints")]
+    if with_engine:
         specs.append(
             ChildSpec(
                 "engine", python_argv("-m", "engine", "serve", *common, *engine_args), "engine"
             )
         )
-    else:
-        log.info("engine_skipped", reason="the engine server is not built yet (engine issue)")
+    elif engine:
+        log.info("engine_skipped", reason="the engine server is not in this build")
     for name, impl in (DEFAULT_AGENTS if agents is None else agents).items():
         argv = python_argv(
             "-m", "runtime", "agent", name, "--connect", str(data.root), "--impl", impl, *common[2:]

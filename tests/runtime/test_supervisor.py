@@ -47,7 +47,7 @@ def assert_nothing_left(data: DataDir, pids: list[int]) -> None:
 
 async def test_runtime_starts_restarts_a_killed_child_and_stops_clean(tmp_path: Path) -> None:
     data = DataDir(tmp_path / "data")
-    async with Runtime(data.root, agents=ECHO) as rt:
+    async with Runtime(data.root, agents=ECHO, engine=False) as rt:
         first = await next_heartbeat(rt, "coder")
         pids = [child_pid(rt, "broker"), first.pid]
         with anyio.fail_after(30):
@@ -64,7 +64,7 @@ async def test_runtime_starts_restarts_a_killed_child_and_stops_clean(tmp_path: 
 
 async def test_broker_restart_mid_task_the_task_still_completes(tmp_path: Path) -> None:
     data = DataDir(tmp_path / "data")
-    async with Runtime(data.root, agents=ECHO) as rt:
+    async with Runtime(data.root, agents=ECHO, engine=False) as rt:
         await next_heartbeat(rt, "coder")
         async with rt.bus("controller") as controller:
             updates = controller.subscribe("task.update")
@@ -85,7 +85,7 @@ async def test_broker_restart_mid_task_the_task_still_completes(tmp_path: Path) 
 
 async def test_silent_child_is_killed_and_restarted(tmp_path: Path) -> None:
     data = DataDir(tmp_path / "data")
-    async with Runtime(data.root, agents=ECHO) as rt:
+    async with Runtime(data.root, agents=ECHO, engine=False) as rt:
         first = await next_heartbeat(rt, "coder")
         os.kill(first.pid, signal.SIGSTOP)
         try:
@@ -101,7 +101,7 @@ async def test_supervisor_gives_up_on_a_child_that_keeps_dying(
 ) -> None:
     monkeypatch.setattr(supervisor_module, "BACKOFF_FIRST_S", 0.01)
     data = DataDir(tmp_path / "data")
-    async with Runtime(data.root, agents=ECHO) as rt:
+    async with Runtime(data.root, agents=ECHO, engine=False) as rt:
         await next_heartbeat(rt, "coder")
         assert rt.supervisor is not None
         child = rt.supervisor.children["coder"]
@@ -116,16 +116,16 @@ async def test_supervisor_gives_up_on_a_child_that_keeps_dying(
 
 async def test_second_instance_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
     data = DataDir(tmp_path / "data")
-    async with Runtime(data.root, agents={}):
+    async with Runtime(data.root, agents={}, engine=False):
         with pytest.raises(AlreadyRunning, match="already runs"):
-            async with Runtime(data.root, agents={}):
+            async with Runtime(data.root, agents={}, engine=False):
                 pass
 
 
 def test_launch_cli_starts_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     data = DataDir(tmp_path / "data")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime", "launch", "--data-dir", str(data.root)],
+        [sys.executable, "-m", "runtime", "launch", "--data-dir", str(data.root), "--no-engine"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -153,3 +153,26 @@ def test_launch_cli_starts_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     assert proc.returncode == 0, out
     assert "stopped." in out
     assert_nothing_left(data, [broker_pid])
+
+
+@pytest.mark.slow
+async def test_launch_with_the_engine_restarts_it_after_a_kill(tmp_path: Path) -> None:
+    """The real default model: the engine is ready when it reports on the bus, and a
+    killed engine comes back and serves again."""
+    from engine.client import Client
+    from engine.sampling import SamplingParams
+
+    data = DataDir(tmp_path / "data")
+    async with Runtime(data.root, agents={}) as rt:
+        assert data.read_endpoints().engine == data.ipc("engine")
+        with rt.subscribe("engine.stats") as stats, anyio.fail_after(120):
+            first = await anext(stats)
+            assert isinstance(first.body, m.EngineStats) and first.body.device == "cpu"
+            old = child_pid(rt, "engine")
+            os.kill(old, signal.SIGKILL)
+            async for _ in stats:
+                if child_pid(rt, "engine") != old:
+                    break
+        async with Client.connect("controller", data.root, timeout=120) as llm:
+            text = await llm.complete_text("1, 2, 3,", SamplingParams(temperature=0, max_tokens=4))
+        assert text.strip()
