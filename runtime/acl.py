@@ -133,14 +133,15 @@ _BODY_FOR_ROOT: dict[str, tuple[type[m.Body], ...]] = {
 }
 
 
-def body_mismatch(topic: str, body: m.Body) -> str | None:
-    """Why ``body`` does not belong on ``topic``, or None if it does."""
+def body_mismatch(topic: str, body: m.Body | type[m.Body]) -> str | None:
+    """Why ``body`` (or a body type) does not belong on ``topic``, or None if it does."""
+    kind = body if isinstance(body, type) else type(body)
     parts = topic.split(".")
     for key in (topic, ".".join(parts[:2]), parts[0]):
         allowed = _BODY_FOR_ROOT.get(key)
         if allowed is not None:
-            if isinstance(body, allowed):
+            if issubclass(kind, allowed):
                 return None
             names = ", ".join(t.__name__ for t in allowed)
-            return f"{topic} carries {names}, not {type(body).__name__}"
+            return f"{topic} carries {names}, not {kind.__name__}"
     return f"unknown topic {topic!r}"
