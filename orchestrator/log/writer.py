@@ -1,33 +1,65 @@
 """The bus log: every accepted envelope as one JSON line, one file per hour.
 
 The broker calls :meth:`LogWriter.append` on its hot path; that only puts the envelope
-on a queue. A background thread encodes and appends, flushing at least every
-``flush_s`` (200 ms) and on :meth:`close`, so a power cut loses at most that much.
-A crash mid-write leaves at most a torn last line; on start the writer cuts it off.
+on a queue. A background thread encodes envelopes into a buffer and, at least every
+``flush_s`` (200 ms) and on :meth:`close`, writes the buffer with one ``write`` and
+``fdatasync``\\s it. A power cut therefore loses at most the envelopes accepted in the
+last ``flush_s`` plus whatever was still queued behind a slow disk; a crash of the
+process alone loses only the queue and buffer (the kernel keeps what was written).
+
+A crash mid-write leaves at most a torn last line; readers skip it with a warning and
+the writer cuts it off before it appends to that file again. A failed write (a full
+disk, ``ENOSPC``) never raises: the lost envelopes are counted in :attr:`failed`, the
+error is kept in :attr:`last_error`, ``on_fault`` is called once per new error, and the
+writer tries again at the next flush.
+
+A second thread applies retention (age and size), optional gzip of closed hours and the
+minute index at start and then hourly (see :mod:`orchestrator.log.retention`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import msgspec
 import structlog
 
-from runtime.messages import Envelope
+from runtime.messages import Chunk, Cue, Envelope, TaskAssign, UserTurn
+
+from .layout import hour_file_name, list_log_files
+from .retention import MaintenanceReport, maintain
+
+__all__ = ["LogWriter", "hour_file_name", "redact_envelope", "redact_text", "repair_torn_tail"]
 
 log = structlog.get_logger("log_writer")
 
 _STOP = object()
+DRAIN_S = 0.05  # how often the writer thread wakes to take what was queued
+_fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+# the writer's only ways to the disk, named so tests can make them fail (ENOSPC, EIO)
+_os_open = os.open
+_os_write = os.write
 
 
-def hour_file_name(ts: float) -> str:
-    """``YYYY-MM-DDTHH.jsonl`` (UTC) for a unix time."""
-    return time.strftime("%Y-%m-%dT%H.jsonl", time.gmtime(ts))
+def _sync_dir(path: Path) -> None:
+    """fsync a directory, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def repair_torn_tail(path: Path) -> int:
@@ -56,82 +88,315 @@ def repair_torn_tail(path: Path) -> int:
         return size - keep
 
 
-class LogWriter:
-    """Appends envelopes to ``<log_dir>/YYYY-MM-DDTHH.jsonl`` from a background thread."""
+def redact_text(text: str, key: bytes | None = None) -> str:
+    """``<redacted sha256:… len=N>``: equal texts stay comparable, the text is gone.
 
-    def __init__(self, log_dir: Path, *, flush_s: float = 0.2) -> None:
+    Without a ``key`` the hash is a plain SHA-256, which a guess can confirm for short
+    texts; with one it is an HMAC only the key's holder can check.
+    """
+    data = text.encode()
+    if key is None:
+        digest, scheme = hashlib.sha256(data).hexdigest(), "sha256"
+    else:
+        digest, scheme = hmac.new(key, data, hashlib.sha256).hexdigest(), "hmac-sha256"
+    return f"<redacted {scheme}:{digest[:16]} len={len(text)}>"
+
+
+def redact_envelope(envelope: Envelope, key: bytes | None = None) -> Envelope:
+    """The envelope with user and narrator text replaced by :func:`redact_text`.
+
+    Redacted: ``UserTurn.text``, ``Chunk.delta``, ``Cue.user_text`` and
+    ``TaskAssign.text`` (the user's request as handed to an agent).
+    """
+    body = envelope.body
+    new_body: object
+    match body:
+        case UserTurn(text=text):
+            new_body = msgspec.structs.replace(body, text=redact_text(text, key))
+        case Chunk(delta=delta):
+            new_body = msgspec.structs.replace(body, delta=redact_text(delta, key))
+        case Cue(user_text=text) if text:
+            new_body = msgspec.structs.replace(body, user_text=redact_text(text, key))
+        case TaskAssign(text=text):
+            new_body = msgspec.structs.replace(body, text=redact_text(text, key))
+        case _:
+            return envelope
+    return msgspec.structs.replace(envelope, body=new_body)
+
+
+class LogWriter:
+    """Appends envelopes to ``<log_dir>/YYYY-MM-DDTHH.jsonl`` from a background thread.
+
+    ``on_fault`` is called from the writer's threads with a one-line description of a
+    storage error, once per new error; it must be thread-safe and must not block long
+    (the broker publishes a ``Fault(kind="storage_error")`` from it).
+    """
+
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        flush_s: float = 0.2,
+        retain_days: float = 14,
+        retain_mb: float = 1024,
+        compress: bool = False,
+        compress_after_s: float = 300,
+        index: bool = True,
+        redact: bool = False,
+        redact_key: bytes | None = None,
+        on_fault: Callable[[str], None] | None = None,
+        maintain_every_s: float = 3600,
+        max_buffer_bytes: int = 1 << 20,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.log_dir = log_dir
         self.flush_s = flush_s
-        self.written = 0
-        self.failed = 0
+        self.retain_days = retain_days
+        self.retain_mb = retain_mb
+        self.compress = compress
+        self.compress_after_s = compress_after_s
+        self.index = index
+        self.redact = redact
+        self.redact_key = redact_key
+        self.on_fault = on_fault
+        self.maintain_every_s = maintain_every_s
+        self.max_buffer_bytes = max_buffer_bytes
+        self._clock = clock
+        self.written = 0  # lines the kernel accepted
+        self.failed = 0  # envelopes lost to write errors
         self.last_error: str | None = None
+        self.last_maintenance: MaintenanceReport | None = None
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._encoder = msgspec.json.Encoder()
-        self._file: IO[bytes] | None = None
-        self._file_name = ""
+        self._buffer = bytearray()
+        self._buffered = 0  # lines in the buffer
+        self._buffer_name = ""  # the hour file the buffer belongs to
+        self._fd: int | None = None
+        self._fd_name = ""
+        self._dirty = False  # written since the last fdatasync
+        self._failing = False
+        # the writer opens files under this lock; maintenance checks `_keep` under it
+        self._files_lock = threading.Lock()
+        self._keep: set[str] = set()
+        self._stop = threading.Event()
+        self._maintain_now = threading.Event()
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._maintainer = threading.Thread(
+            target=self._maintain_loop, name="log-maintenance", daemon=True
+        )
+
+    # -- public ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Repair torn tails left by a crash, then start writing and maintenance."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        current = self.log_dir / hour_file_name(time.time())
-        if current.exists():
-            cut = repair_torn_tail(current)
+        for f in list_log_files(self.log_dir):
+            if f.compressed:
+                continue
+            try:
+                cut = repair_torn_tail(f.path)
+            except OSError as exc:
+                self._fail(exc, "repair")
+                continue
             if cut:
-                log.warning("log_torn_tail_repaired", file=str(current), bytes_cut=cut)
+                log.warning("log_torn_tail_repaired", file=str(f.path), bytes_cut=cut)
+        self._refresh_keep(self._clock())
         self._thread.start()
+        self._maintainer.start()
 
     def append(self, envelope: Envelope) -> None:
         """Queue one envelope; never blocks and never raises."""
         self._queue.put(envelope)
 
     def close(self) -> None:
-        """Write what is queued, flush, and stop the thread."""
+        """Write what is queued, flush, and stop both threads."""
+        self._stop.set()
+        self._maintain_now.set()
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout=10)
+        if self._maintainer.is_alive():
+            self._maintainer.join(timeout=10)
+
+    def maintain(self, now: float | None = None) -> MaintenanceReport:
+        """Run one retention / compression / index pass now (it also runs hourly)."""
+        return self._maintain(now, stop=lambda: False)
+
+    def _maintain(self, now: float | None, stop: Callable[[], bool]) -> MaintenanceReport:
+        now = self._clock() if now is None else now
+        with self._files_lock:
+            self._refresh_keep(now)
+        try:
+            report = maintain(
+                self.log_dir,
+                retain_days=self.retain_days,
+                retain_mb=self.retain_mb,
+                compress=self.compress,
+                compress_after_s=self.compress_after_s,
+                index=self.index,
+                now=now,
+                keep=self._keep,
+                stop=stop,
+                lock=self._files_lock,
+            )
+        except OSError as exc:
+            self._fail(exc, "maintenance")
+            return MaintenanceReport()
+        self.last_maintenance = report
+        return report
+
+    # -- the writer thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        last_flush = time.monotonic()
+        # Wake on a timer and drain in bulk, never per envelope: a wake-up per message
+        # makes this thread and the broker's forwarding loop trade the GIL constantly.
+        deadline = time.monotonic() + self.flush_s
         while True:
-            try:
-                item = self._queue.get(timeout=self.flush_s)
-            except queue.Empty:
-                item = None
-            if item is _STOP:
+            stopping = self._stop.wait(DRAIN_S)
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                elif isinstance(item, Envelope):
+                    self._buffer_line(item)
+                    if len(self._buffer) >= self.max_buffer_bytes:
+                        self._write_buffer()
+            if stopping:
                 self._flush()
-                if self._file is not None:
-                    self._file.close()
+                self._close_file()
                 return
-            if isinstance(item, Envelope):
-                self._write(item)
-            if time.monotonic() - last_flush >= self.flush_s:
+            if time.monotonic() >= deadline:
                 self._flush()
-                last_flush = time.monotonic()
+                deadline = time.monotonic() + self.flush_s
 
-    def _write(self, envelope: Envelope) -> None:
+    def _buffer_line(self, envelope: Envelope) -> None:
         name = hour_file_name(envelope.ts)
+        if name != self._buffer_name:
+            self._write_buffer()  # one buffer holds one file's lines
+            self._buffer_name = name
+        if self.redact:
+            envelope = redact_envelope(envelope, self.redact_key)
+        self._encoder.encode_into(envelope, self._buffer, -1)
+        self._buffer.append(10)  # b"\n"
+        self._buffered += 1
+
+    def _refresh_keep(self, now: float) -> None:
+        """Under the files lock: the file open now and the clock's hour are off limits."""
+        self._keep.clear()
+        self._keep.add(hour_file_name(now))
+        if self._fd_name:
+            self._keep.add(self._fd_name)
+
+    def _open(self, name: str) -> int:
+        """The descriptor of ``name``, switching files if needed."""
+        if self._fd is not None and self._fd_name == name:
+            return self._fd
+        self._close_file()
+        with self._files_lock:
+            path = self.log_dir / name
+            existed = path.exists()
+            if existed:
+                repair_torn_tail(path)  # a write that failed part-way left half a line
+            fd = _os_open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if not existed:
+                _sync_dir(self.log_dir)  # so a power cut cannot lose the new file's name
+            newer = name > self._fd_name
+            self._fd, self._fd_name = fd, name
+            self._refresh_keep(self._clock())
+        if newer:
+            self._maintain_now.set()  # a new hour: the last one can be indexed or compressed
+        return fd
+
+    def _close_file(self) -> None:
+        if self._fd is None:
+            return
+        if self._dirty:
+            try:
+                _fdatasync(self._fd)
+            except OSError as exc:
+                self._fail(exc, "sync")
+        self._drop_file()
+
+    def _write_buffer(self) -> bool:
+        """Write the buffer to its hour file in one go; on error count what was lost.
+
+        Returns False when the write failed."""
+        if not self._buffer:
+            return True
+        data, lines = memoryview(self._buffer), self._buffered
+        done = 0
         try:
-            if name != self._file_name or self._file is None:
-                if self._file is not None:
-                    self._file.close()
-                self._file = (self.log_dir / name).open("ab")
-                self._file_name = name
-            self._file.write(self._encoder.encode(envelope) + b"\n")
-            self.written += 1
+            fd = self._open(self._buffer_name)
+            while done < len(data):
+                done += _os_write(fd, data[done:])
         except OSError as exc:
-            self._fail(exc)
+            kept = data[:done].tobytes().count(b"\n")
+            self.written += kept
+            self.failed += lines - kept
+            self._drop_file()
+            self._fail(exc, "write")
+            return False
+        else:
+            self.written += lines
+            self._dirty = True
+            return True
+        finally:
+            data.release()
+            self._buffer.clear()
+            self._buffered = 0
 
     def _flush(self) -> None:
-        if self._file is None:
+        """Write the buffer and ``fdatasync`` the file: after this a power cut loses none
+        of it."""
+        if not self._write_buffer() or not self._dirty or self._fd is None:
             return
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            _fdatasync(self._fd)
         except OSError as exc:
-            self._fail(exc)
+            self._drop_file()
+            self._fail(exc, "sync")
+            return
+        self._dirty = False
+        self._recovered()
 
-    def _fail(self, exc: OSError) -> None:
-        self.failed += 1
-        if self.last_error != str(exc):
-            log.error("log_write_failed", error=str(exc), dir=str(self.log_dir))
-        self.last_error = str(exc)
+    def _drop_file(self) -> None:
+        """Forget the descriptor (after an error the next open repairs any torn tail)."""
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+            self._dirty = False
+
+    def _recovered(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("log_write_recovered", failed=self.failed, dir=str(self.log_dir))
+
+    def _fail(self, exc: OSError, action: str) -> None:
+        message = f"bus log {action} failed in {self.log_dir}: {exc.strerror or exc}"
+        if exc.errno is not None:
+            message += f" (errno {exc.errno})"
+        new = not self._failing or self.last_error != message
+        self._failing = True
+        self.last_error = message
+        if not new:
+            return
+        log.error("log_write_failed", error=message, failed=self.failed)
+        if self.on_fault is not None:
+            try:
+                self.on_fault(message)
+            except Exception as cb_exc:  # a broken callback must not stop the log
+                log.error("log_fault_callback_failed", error=repr(cb_exc))
+
+    # -- the maintenance thread -----------------------------------------------------------
+
+    def _maintain_loop(self) -> None:
+        while not self._stop.is_set():
+            self._maintain(None, stop=self._stop.is_set)
+            self._maintain_now.wait(self.maintain_every_s)
+            self._maintain_now.clear()
