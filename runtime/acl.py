@@ -32,7 +32,15 @@ ENGINE_CALLERS: frozenset[str] = frozenset(
 
 # what each identity may read (subscription prefixes); "" is everything
 _READS: dict[str, tuple[str, ...]] = {
-    "controller": ("user.in", "task.update", "heartbeat.", "sys.", "engine.stats", "event."),
+    "controller": (
+        "user.in",
+        "task.update",
+        "heartbeat.",
+        "sys.",
+        "engine.stats",
+        "event.",
+        "narrator.decision",
+    ),
     "narrator": ("narrator.cue", "sys.config"),
     "narrator-shadow": ("narrator.cue", "sys.config"),
     "coder": ("task.assign.coder", "sys.config"),

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-engine", action="store_true", help="start without the engine (bus and agents only)"
     )
+    p.add_argument("--ask", metavar="QUESTION", help="ask one question, print the answer, and exit")
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("broker", help="run the broker alone")
@@ -200,6 +201,22 @@ def cmd_launch(args: argparse.Namespace) -> int:
         check_bind(args.bind, args.allow_remote)
         broker_args = ("--bind", args.bind, *(["--allow-remote"] if args.allow_remote else []))
 
+    exit_code = [0]
+
+    async def _talk(args: argparse.Namespace, data: DataDir) -> None:
+        """The user's seat: one answer (--ask), a chat (a terminal), or just wait."""
+        from .chat import ask, terminal_chat
+        from .embed import connect
+
+        if args.ask:
+            async with connect(data.root) as conn:
+                exit_code[0] = await ask(conn, args.ask)
+        elif sys.stdin.isatty():
+            async with connect(data.root) as conn:
+                await terminal_chat(conn)
+        else:
+            await anyio.sleep_forever()
+
     def ready(name: str, pid: int, seconds: float) -> None:
         print(f"  ready  {name:<16} pid {pid:<8} {seconds:5.1f} s", flush=True)
 
@@ -222,25 +239,35 @@ def cmd_launch(args: argparse.Namespace) -> int:
             broker_args=broker_args,
             engine_args=engine_args,
         )
-        supervisor = Supervisor(data, specs, on_ready=ready)
+        supervisor = Supervisor(data, specs, on_ready=ready if not args.ask else None)
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 started = time.monotonic()
                 await tg.start(supervisor.run)
-                print(
-                    f"Chorus is up in {time.monotonic() - started:.1f} s (data: {data.root}). "
-                    "Watch the bus with `python -m runtime tail`; Ctrl-C stops.",
-                    flush=True,
-                )
-                async for _ in signals:
-                    print("stopping…", flush=True)
-                    break
+                if not args.ask:
+                    print(
+                        f"Chorus is up in {time.monotonic() - started:.1f} s (data: {data.root}). "
+                        "Watch the bus with `python -m runtime tail`; Ctrl-C stops.",
+                        flush=True,
+                    )
+
+                async def wait_for_signal() -> None:
+                    async for _ in signals:
+                        print("stopping…", file=sys.stderr, flush=True)
+                        break
+                    talk.cancel()
+
+                with anyio.CancelScope() as talk:
+                    tg.start_soon(wait_for_signal)
+                    await _talk(args, data)
                 await supervisor.stop()
+                tg.cancel_scope.cancel()
 
     with InstanceLock(data):
         anyio.run(launch)
-    print("stopped.", flush=True)
-    return 0
+    if not args.ask:
+        print("stopped.", flush=True)
+    return exit_code[0]
 
 
 def _endpoints_and_keys(target: Path, keys: Path | None) -> tuple[Endpoints, Path]:

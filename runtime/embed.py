@@ -76,7 +76,8 @@ class Connection:
         return Bus(identity, self.data.read_endpoints(), self.data.keys)
 
     async def chat(self, text: str, *, conversation: str | None = None) -> AsyncIterator[m.Chunk]:
-        """Send a user turn and yield the narrator's chunks for it until the final one."""
+        """Send a user turn and yield the narrator's chunks about it (an acknowledgement,
+        progress, the answer) until the one that closes the turn."""
         assert self._client is not None
         conversation = conversation or m.new_id()
         with self._client.subscribe("user.out") as out:
@@ -85,7 +86,7 @@ class Connection:
                 if envelope.conversation != conversation or not isinstance(envelope.body, m.Chunk):
                     continue
                 yield envelope.body
-                if envelope.body.final:
+                if envelope.body.final and envelope.body.closes_turn:
                     return
 
 
@@ -98,11 +99,13 @@ class Runtime(Connection):
         *,
         agents: dict[str, str] | None = None,
         engine: bool = True,
+        orchestration: bool = True,
         debug: bool = False,
     ) -> None:
         super().__init__(DataDir.at(data_dir))
         self._agents = agents
         self._engine = engine
+        self._orchestration = orchestration
         self._debug = debug
         self.supervisor: Supervisor | None = None
 
@@ -112,7 +115,13 @@ class Runtime(Connection):
         self._stack.enter_context(InstanceLock(self.data))
         self.supervisor = Supervisor(
             self.data,
-            default_specs(self.data, agents=self._agents, engine=self._engine, debug=self._debug),
+            default_specs(
+                self.data,
+                agents=self._agents,
+                engine=self._engine,
+                orchestration=self._orchestration,
+                debug=self._debug,
+            ),
         )
         tg = await self._stack.enter_async_context(anyio.create_task_group())
         self._stack.push_async_callback(self.supervisor.stop)

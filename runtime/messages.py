@@ -28,6 +28,9 @@ class UserTurn(Body, frozen=True, kw_only=True):
     text: str
 
 
+Finish = Literal["", "done", "interrupted", "error"]
+
+
 class Chunk(Body, frozen=True, kw_only=True):
     """One piece of the narrator's stream on ``user.out`` (or ``shadow.user.out``).
 
@@ -39,9 +42,10 @@ class Chunk(Body, frozen=True, kw_only=True):
     seq: int
     delta: str
     final: bool = False
-    finish: Literal["", "done", "interrupted", "error"] = ""
+    finish: Finish = ""
     notice: bool = False  # a playbook or system notice rather than a model answer
     sources: list[str] = msgspec.field(default_factory=list)
+    closes_turn: bool = False  # on a final chunk: the answer to the user's turn is complete
 
 
 class TaskAssign(Body, frozen=True, kw_only=True):
@@ -77,24 +81,43 @@ class TaskUpdate(Body, frozen=True, kw_only=True):
     artefacts: list[str] = msgspec.field(default_factory=list)
 
 
+CueKind = Literal["answer", "ack", "progress", "result", "playbook"]
+
+
 class Cue(Body, frozen=True, kw_only=True):
-    """The controller tells the narrator that it may speak now, and about what."""
+    """The controller tells the narrator that it may speak now, and about what.
+
+    ``kind`` says what the utterance is: an ``answer`` to a user turn needing no agent,
+    an ``ack`` that work started, ``progress``, a ``result``, or a ``playbook`` message
+    (``playbook`` names it). ``cover`` lists what to talk about, ``sources`` what the
+    narrator attaches by code. A cue with ``preempt`` stops the current utterance.
+    """
 
     speak_now: bool
     priority: int
     reason: str
+    kind: CueKind = "answer"
     cover: list[str] = msgspec.field(default_factory=list)
+    sources: list[str] = msgspec.field(default_factory=list)
     playbook: str = ""
     tasks: list[str] = msgspec.field(default_factory=list)
     user_text: str = ""
+    preempt: bool = False
+    closes_turn: bool = False  # nothing more will be said about this turn after it
 
 
 class Decision(Body, frozen=True, kw_only=True):
-    """Why something was or was not said, on ``narrator.decision``."""
+    """Why something was or was not said, on ``narrator.decision``.
 
-    action: Literal["spoken", "held", "coalesced", "preempted", "dropped"]
+    The narrator also reports each utterance's start (``spoken``) and end (``finished``,
+    with ``reason`` done/interrupted/error), which is how the controller knows when the
+    narrator is speaking.
+    """
+
+    action: Literal["spoken", "finished", "held", "coalesced", "preempted", "dropped"]
     reason: str
     cue: str = ""  # envelope id of the cue this decision is about
+    tasks: list[str] = msgspec.field(default_factory=list)
 
 
 class Heartbeat(Body, frozen=True, kw_only=True):

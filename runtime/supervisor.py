@@ -81,6 +81,7 @@ def default_specs(
     agents: dict[str, str] | None = None,
     debug: bool = False,
     engine: bool = True,
+    orchestration: bool = True,
     broker_args: tuple[str, ...] = (),
     engine_args: tuple[str, ...] = (),
 ) -> list[ChildSpec]:
@@ -99,6 +100,11 @@ def default_specs(
         )
     elif engine:
         log.info("engine_skipped", reason="the engine server is not in this build")
+    if orchestration:
+        for role in ("controller", "narrator"):
+            specs.append(
+                ChildSpec(role, python_argv("-m", "orchestrator", role, *common), "heartbeat")
+            )
     for name, impl in (DEFAULT_AGENTS if agents is None else agents).items():
         argv = python_argv(
             "-m", "runtime", "agent", name, "--connect", str(data.root), "--impl", impl, *common[2:]
@@ -198,7 +204,7 @@ class Supervisor:
                 stdin=None,
                 stdout=stderr,
                 stderr=stderr,
-                env={**os.environ, **child.spec.env},
+                env={**os.environ, "CHORUS_DATA_DIR": str(self.data.root), **child.spec.env},
                 start_new_session=True,  # Ctrl-C reaches the supervisor, which stops children in order
             )
         finally:

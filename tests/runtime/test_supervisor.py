@@ -47,7 +47,7 @@ def assert_nothing_left(data: DataDir, pids: list[int]) -> None:
 
 async def test_runtime_starts_restarts_a_killed_child_and_stops_clean(tmp_path: Path) -> None:
     data = DataDir(tmp_path / "data")
-    async with Runtime(data.root, agents=ECHO, engine=False) as rt:
+    async with Runtime(data.root, agents=ECHO, engine=False, orchestration=False) as rt:
         first = await next_heartbeat(rt, "coder")
         pids = [child_pid(rt, "broker"), first.pid]
         with anyio.fail_after(30):
@@ -64,7 +64,7 @@ async def test_runtime_starts_restarts_a_killed_child_and_stops_clean(tmp_path: 
 
 async def test_broker_restart_mid_task_the_task_still_completes(tmp_path: Path) -> None:
     data = DataDir(tmp_path / "data")
-    async with Runtime(data.root, agents=ECHO, engine=False) as rt:
+    async with Runtime(data.root, agents=ECHO, engine=False, orchestration=False) as rt:
         await next_heartbeat(rt, "coder")
         async with rt.bus("controller") as controller:
             updates = controller.subscribe("task.update")
@@ -85,7 +85,7 @@ async def test_broker_restart_mid_task_the_task_still_completes(tmp_path: Path) 
 
 async def test_silent_child_is_killed_and_restarted(tmp_path: Path) -> None:
     data = DataDir(tmp_path / "data")
-    async with Runtime(data.root, agents=ECHO, engine=False) as rt:
+    async with Runtime(data.root, agents=ECHO, engine=False, orchestration=False) as rt:
         first = await next_heartbeat(rt, "coder")
         os.kill(first.pid, signal.SIGSTOP)
         try:
@@ -101,7 +101,7 @@ async def test_supervisor_gives_up_on_a_child_that_keeps_dying(
 ) -> None:
     monkeypatch.setattr(supervisor_module, "BACKOFF_FIRST_S", 0.01)
     data = DataDir(tmp_path / "data")
-    async with Runtime(data.root, agents=ECHO, engine=False) as rt:
+    async with Runtime(data.root, agents=ECHO, engine=False, orchestration=False) as rt:
         await next_heartbeat(rt, "coder")
         assert rt.supervisor is not None
         child = rt.supervisor.children["coder"]
@@ -116,9 +116,9 @@ async def test_supervisor_gives_up_on_a_child_that_keeps_dying(
 
 async def test_second_instance_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
     data = DataDir(tmp_path / "data")
-    async with Runtime(data.root, agents={}, engine=False):
+    async with Runtime(data.root, agents={}, engine=False, orchestration=False):
         with pytest.raises(AlreadyRunning, match="already runs"):
-            async with Runtime(data.root, agents={}, engine=False):
+            async with Runtime(data.root, agents={}, engine=False, orchestration=False):
                 pass
 
 

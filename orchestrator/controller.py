@@ -1,0 +1,301 @@
+"""The controller: turns user turns into tasks, and decides when the narrator speaks.
+
+It reads ``user.in``, ``task.update``, ``heartbeat.*``, ``narrator.decision`` and
+``sys.*``; writes tasks into the task graph; publishes ``task.assign.<agent>`` and
+``narrator.cue`` (both at-least-once) and every decision on ``narrator.decision``.
+The rules of speaking live in :mod:`orchestrator.gating`; this module is the plumbing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import anyio
+import msgspec
+import structlog
+
+from engine.client import Client, EngineError, EngineUnavailable
+from runtime import messages as m
+from runtime.bus import Bus
+from runtime.errors import ChorusError
+from runtime.paths import DataDir
+
+from .gating import Gate, GateConfig, Out, TaskEvent
+from .process import heartbeat_loop
+from .routing import Route, is_small_talk, keyword_route, model_route
+from .task_graph import TaskGraph, TaskGraphError
+
+log = structlog.get_logger("controller")
+
+TICK_S = 0.2
+MISSED_HEARTBEATS_S = 5.0
+# per task kind: how many attempts, and the deadline of each
+ATTEMPTS = {"coder": 2, "search": 2, "rag": 2}
+DEADLINE_S = {"coder": 90.0, "search": 30.0, "rag": 90.0}
+ACKS = {
+    "coder": "the coder",
+    "search": "the search agent",
+    "rag": "the documentation reader",
+}
+
+
+@dataclass
+class TrackedTask:
+    id: str
+    conversation: str
+    agent: str
+    text: str
+    attempt: int = 1
+    started: float = field(default_factory=time.monotonic)
+    done: bool = False
+
+
+class Controller:
+    """Serves until cancelled; ``engine`` may be None (keyword routing only)."""
+
+    def __init__(
+        self, bus: Bus, data: DataDir, engine: Client | None, gate: Gate | None = None
+    ) -> None:
+        self.bus = bus
+        self.data = data
+        self.engine = engine
+        self.gate = gate or Gate(time.monotonic, GateConfig())
+        self.graph = TaskGraph.at(data.root)
+        self.tasks: dict[str, TrackedTask] = {}
+        self.last_seen: dict[str, float] = {}
+        self.engine_ok = engine is not None
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(heartbeat_loop, self.bus, "controller", self._state)
+            tg.start_soon(self._tick_loop)
+            for prefix, handler in (
+                ("user.in", self._on_user_turn),
+                ("task.update", self._on_task_update),
+                ("heartbeat.", self._on_heartbeat),
+                ("narrator.decision", self._on_decision),
+                ("sys.", self._on_sys),
+            ):
+                tg.start_soon(self._consume, prefix, handler)
+
+    def _state(self) -> tuple[str, str | None, int]:
+        running = [t for t in self.tasks.values() if not t.done]
+        return ("busy" if running else "idle", running[0].id if running else None, len(running))
+
+    async def _consume(self, prefix: str, handler: object) -> None:
+        with self.bus.subscribe(prefix) as sub:
+            async for envelope in sub:
+                try:
+                    await handler(envelope)  # type: ignore[operator]
+                except ChorusError as exc:  # one bad event must not stop the controller
+                    log.warning("event_failed", topic=envelope.topic, error=str(exc))
+
+    async def _emit(self, outs: list[Out]) -> None:
+        for out in outs:
+            topic = "narrator.cue" if isinstance(out.body, m.Cue) else "narrator.decision"
+            await self.bus.publish(topic, out.body, conversation=out.conversation)
+
+    # -- user turns --------------------------------------------------------------------------
+
+    async def _on_user_turn(self, envelope: m.Envelope) -> None:
+        if not isinstance(envelope.body, m.UserTurn):
+            return
+        conversation = envelope.conversation or envelope.id
+        text = envelope.body.text
+        route = await self._route(text)
+        log.info("routed", conversation=conversation, agents=route.agents, method=route.method)
+        task_ids = [
+            await self._assign(conversation, agent, route.subtasks[agent]) for agent in route.agents
+        ]
+        cue_kind: m.CueKind = "ack" if task_ids else "answer"
+        outs = self.gate.user_turn(conversation, text, tasks=task_ids, kind=cue_kind)
+        if task_ids:
+            names = " and ".join(ACKS[a] for a in route.agents)
+            outs = [
+                Out(o.conversation, _with_cover(o.body, [f"asked {names}"]))
+                if isinstance(o.body, m.Cue)
+                else o
+                for o in outs
+            ]
+        await self._emit(outs)
+
+    async def _route(self, text: str) -> Route:
+        if is_small_talk(text):
+            return keyword_route(text)
+        if self.engine is not None:
+            try:
+                with anyio.fail_after(15):
+                    route = await model_route(self.engine, text)
+                self.engine_ok = True
+                return route
+            except (EngineError, EngineUnavailable, TimeoutError) as exc:
+                self.engine_ok = False
+                log.warning("model_routing_failed", error=str(exc))
+        return keyword_route(text)
+
+    async def _assign(
+        self, conversation: str, agent: str, text: str, attempt: int = 1, task_id: str | None = None
+    ) -> str:
+        task_id = task_id or f"{agent}-{m.new_id()[:12]}"
+        try:
+            if attempt == 1:
+                self.graph.add(task_id, kind=agent, conversation=conversation, agent=agent)
+            else:
+                self.graph.transition(task_id, "queued", error="retrying")
+            self.graph.transition(task_id, "assigned", agent=agent)
+        except (TaskGraphError, OSError) as exc:  # the graph is a record; work goes on without it
+            log.error("task_graph_write_failed", task=task_id, error=str(exc))
+        self.tasks[task_id] = TrackedTask(task_id, conversation, agent, text, attempt)
+        self.gate.task_started(conversation, task_id)
+        assign = m.TaskAssign(
+            task=task_id,
+            kind=agent,
+            text=text,
+            attempt=attempt,
+            deadline_s=DEADLINE_S.get(agent, 60.0),
+        )
+        await self.bus.publish(
+            f"task.assign.{agent}", assign, conversation=conversation, task=task_id
+        )
+        return task_id
+
+    # -- agents ------------------------------------------------------------------------------
+
+    async def _on_task_update(self, envelope: m.Envelope) -> None:
+        body = envelope.body
+        if not isinstance(body, m.TaskUpdate):
+            return
+        task = self.tasks.get(body.task)
+        if task is None or task.done:
+            return
+        self.last_seen[task.agent] = time.monotonic()
+        match body.state:
+            case "accepted":
+                self._record(task.id, "running")
+            case "progress":
+                await self._emit(
+                    self.gate.task_event(
+                        task.conversation,
+                        TaskEvent(task.id, "progress", body.message, time.monotonic()),
+                    )
+                )
+            case "result":
+                task.done = True
+                self._record(task.id, "succeeded", result=body.message[:500])
+                text = _result_text(task.agent, body)
+                event = TaskEvent(
+                    task.id, "result", text, time.monotonic(), sources=body.sources + body.artefacts
+                )
+                await self._emit(self.gate.task_event(task.conversation, event))
+            case "failed" | "cancelled":
+                await self._failed(task, body.message or body.state)
+
+    async def _failed(self, task: TrackedTask, reason: str, playbook: str = "") -> None:
+        task.done = True
+        if task.attempt < ATTEMPTS.get(task.agent, 1):
+            log.info("task_retry", task=task.id, reason=reason)
+            self._record(task.id, "failed", error=reason)
+            if playbook:
+                event = TaskEvent(
+                    task.id,
+                    "progress",
+                    f"retrying after: {reason}",
+                    time.monotonic(),
+                    playbook=playbook,
+                )
+                await self._emit(self.gate.task_event(task.conversation, event))
+            await self._assign(task.conversation, task.agent, task.text, task.attempt + 1, task.id)
+            return
+        self._record(task.id, "failed", error=reason)
+        event = TaskEvent(
+            task.id, "failed", reason, time.monotonic(), playbook=playbook or "task_failed"
+        )
+        await self._emit(self.gate.task_event(task.conversation, event))
+
+    def _record(self, task_id: str, state: str, **details: str) -> None:
+        try:
+            self.graph.transition(task_id, state, **details)  # type: ignore[arg-type]
+        except (TaskGraphError, OSError) as exc:
+            log.warning("task_graph_transition_failed", task=task_id, to=state, error=str(exc))
+
+    async def _on_heartbeat(self, envelope: m.Envelope) -> None:
+        self.last_seen[envelope.sender] = time.monotonic()
+
+    async def _on_decision(self, envelope: m.Envelope) -> None:
+        body = envelope.body
+        if (
+            envelope.sender != "narrator"
+            or not isinstance(body, m.Decision)
+            or envelope.conversation is None
+        ):
+            return
+        if body.action == "spoken":
+            self.gate.utterance_started(envelope.conversation, body.cue, body.reason)
+        elif body.action == "finished":
+            await self._emit(self.gate.utterance_finished(envelope.conversation, body.cue))
+
+    async def _on_sys(self, envelope: m.Envelope) -> None:
+        body = envelope.body
+        if isinstance(body, m.ConfigChange):
+            try:
+                known = self.gate.configure(body.key, float(body.value))
+            except ValueError:
+                known = False
+            log.info("config", key=body.key, value=body.value, applied=known)
+        elif isinstance(body, m.ProcessEvent) and envelope.topic in ("sys.restart", "sys.gave_up"):
+            playbook = "agent_crashed" if envelope.topic == "sys.restart" else "task_failed"
+            for task in [t for t in self.tasks.values() if t.agent == body.process and not t.done]:
+                await self._failed(task, f"{body.process} {body.reason}", playbook)
+
+    # -- the clock ---------------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await anyio.sleep(TICK_S)
+            await self._emit(self.gate.tick())
+            now = time.monotonic()
+            for task in [t for t in self.tasks.values() if not t.done]:
+                deadline = (
+                    DEADLINE_S.get(task.agent, 60.0) + 5.0
+                )  # the agent's own deadline fires first
+                silent = now - self.last_seen.get(task.agent, task.started)
+                if now - task.started > deadline:
+                    await self._cancel(
+                        task, f"passed its deadline of {deadline:g} s", "task_timeout"
+                    )
+                elif silent > MISSED_HEARTBEATS_S and now - task.started > MISSED_HEARTBEATS_S:
+                    await self._cancel(
+                        task,
+                        f"{task.agent} missed its heartbeats for {silent:.0f} s",
+                        "agent_crashed",
+                    )
+
+    async def _cancel(self, task: TrackedTask, reason: str, playbook: str) -> None:
+        await self.bus.publish(
+            f"task.assign.{task.agent}",
+            m.TaskCancel(task=task.id, reason=reason),
+            conversation=task.conversation,
+            task=task.id,
+        )
+        await self._failed(task, reason, playbook)
+
+
+def _with_cover(cue: m.Cue | m.Decision, cover: list[str]) -> m.Cue | m.Decision:
+    if not isinstance(cue, m.Cue):
+        return cue
+    return msgspec.structs.replace(cue, cover=cover)
+
+
+def _result_text(agent: str, update: m.TaskUpdate) -> str:
+    """What the narrator is told about a result: the message plus the facts that matter."""
+    data = update.data
+    parts = [update.message]
+    if agent == "coder":
+        for key in ("stdout", "stderr"):
+            value = str(data.get(key, "")).strip()
+            if value:
+                parts.append(f"{key}: {value[:800]}")
+    elif "answer" in data:
+        parts.append(str(data["answer"])[:800])
+    return " | ".join(p for p in parts if p)

@@ -1,0 +1,241 @@
+"""The narrator: the only voice the user hears.
+
+It reads ``narrator.cue`` and turns each cue into a stream of ``user.out`` chunks (the
+broker lets no other identity publish there). One persistent engine session per
+conversation: each cue appends only its new material, so the model keeps the shape of
+the whole conversation and, with the StreamingLLM cache, never runs out of context.
+
+* ``answer`` cues: the user's text goes into the session and the model answers.
+* ``ack`` cues: a templated line at once ("asking the search agent…"), recorded in
+  the session as the assistant's turn; no model round trip, so the user hears at once.
+* ``progress`` / ``result`` cues: the notes go in, the model tells the user; sources
+  are attached by code to the final chunk and to the text, never left to the model.
+* ``playbook`` lines are sent as notices without the model, so they work with the
+  engine down.
+
+A cue with ``preempt`` cancels the utterance in progress (its stream ends with an
+``interrupted`` chunk) and the engine request with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+import structlog
+
+from engine.client import Client, EngineError, EngineUnavailable, SessionLost
+from engine.protocol import Message
+from engine.sampling import SamplingParams
+from runtime import messages as m
+from runtime.bus import Bus
+from runtime.paths import DataDir
+
+from . import prompts
+from .process import heartbeat_loop
+
+log = structlog.get_logger("narrator")
+
+DecisionAction = Literal["spoken", "finished"]
+
+SPEAK = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=160, seed=0)
+
+
+@dataclass
+class Utterance:
+    cue_id: str
+    stream: str
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+
+@dataclass
+class _Conversation:
+    queue: list[m.Envelope] = field(default_factory=list)
+    current: Utterance | None = None
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    opened: bool = False
+    backlog: list[Message] = field(default_factory=list)  # not yet in the engine session
+
+
+class Narrator:
+    """Serves until cancelled. ``engine`` is the narrator's engine client."""
+
+    def __init__(
+        self, bus: Bus, data: DataDir, engine: Client, *, params: SamplingParams = SPEAK
+    ) -> None:
+        self.bus = bus
+        self.data = data
+        self.engine = engine
+        self.params = params
+        self.conversations: dict[str, _Conversation] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(heartbeat_loop, self.bus, "narrator", self._state)
+            with self.bus.subscribe("narrator.cue") as cues:
+                async for envelope in cues:
+                    if isinstance(envelope.body, m.Cue):
+                        self._on_cue(envelope)
+
+    def _state(self) -> tuple[str, str | None, int]:
+        speaking = [c for c in self.conversations.values() if c.current]
+        queued = sum(len(c.queue) for c in self.conversations.values())
+        return ("busy" if speaking else "idle", None, queued)
+
+    def _on_cue(self, envelope: m.Envelope) -> None:
+        conversation = envelope.conversation or "default"
+        assert isinstance(envelope.body, m.Cue)
+        c = self.conversations.get(conversation)
+        if c is None:
+            c = self.conversations[conversation] = _Conversation()
+            assert self._tg is not None
+            self._tg.start_soon(self._speaker, conversation, c)
+        if envelope.body.preempt:
+            c.queue.clear()
+            if c.current is not None:
+                c.current.scope.cancel()
+        c.queue.append(envelope)
+        c.wake.set()
+
+    async def _speaker(self, conversation: str, c: _Conversation) -> None:
+        """One utterance at a time per conversation, in cue order."""
+        while True:
+            while not c.queue:
+                c.wake = anyio.Event()
+                await c.wake.wait()
+            envelope = c.queue.pop(0)
+            await self._speak(conversation, c, envelope)
+
+    async def _speak(self, conversation: str, c: _Conversation, envelope: m.Envelope) -> None:
+        cue = envelope.body
+        assert isinstance(cue, m.Cue)
+        utterance = Utterance(envelope.id, m.new_id())
+        c.current = utterance
+        seq = 0
+        finish: m.Finish = "done"
+
+        async def say(
+            delta: str,
+            *,
+            final: bool = False,
+            notice: bool = False,
+            sources: list[str] | None = None,
+            end: m.Finish = "",
+            closes_turn: bool = False,
+        ) -> None:
+            nonlocal seq
+            chunk = m.Chunk(
+                stream=utterance.stream,
+                seq=seq,
+                delta=delta,
+                final=final,
+                finish=end,
+                notice=notice,
+                sources=sources or [],
+                closes_turn=closes_turn,
+            )
+            seq += 1
+            await self.bus.publish("user.out", chunk, conversation=conversation)
+
+        await self._decide(conversation, "spoken", cue.kind, envelope.id, cue.tasks)
+        try:
+            with utterance.scope:
+                if cue.playbook:
+                    reason = cue.cover[-1].split(": ", 2)[-1] if cue.cover else ""
+                    await say(prompts.playbook(cue.playbook, reason) + "\n", notice=True)
+                if cue.kind != "playbook":
+                    async for delta in self._words(conversation, c, cue):
+                        await say(delta)
+                    if cue.sources:
+                        await say("\nSources: " + ", ".join(cue.sources))
+        except (EngineUnavailable, EngineError) as exc:
+            finish = "error"
+            log.warning("engine_failed", conversation=conversation, error=str(exc))
+            with anyio.CancelScope(shield=True):
+                await say(prompts.playbook("engine_down") + "\n", notice=True)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if utterance.scope.cancelled_caught:
+                    finish = "interrupted"
+                closes = cue.closes_turn or finish == "interrupted"
+                await say("", final=True, sources=cue.sources, end=finish, closes_turn=closes)
+                await self._decide(conversation, "finished", finish, envelope.id, cue.tasks)
+                c.current = None
+
+    async def _decide(
+        self, conversation: str, action: DecisionAction, reason: str, cue_id: str, tasks: list[str]
+    ) -> None:
+        body = m.Decision(action=action, reason=reason, cue=cue_id, tasks=tasks)
+        await self.bus.publish("narrator.decision", body, conversation=conversation)
+
+    # -- words -------------------------------------------------------------------------------
+
+    async def _words(self, conversation: str, c: _Conversation, cue: m.Cue) -> AsyncIterator[str]:
+        """The text of one utterance; appends only the cue's new material to the session."""
+        if cue.kind == "ack":
+            line = f"On it — I've {', '.join(cue.cover) or 'started working on that'}."
+            yield line  # templated, so the user hears at once, engine or not
+            turn = [
+                Message(role="user", content=cue.user_text),
+                Message(role="assistant", content=line),
+            ]
+            try:
+                await self._append(conversation, c, turn)
+            except (EngineUnavailable, EngineError) as exc:
+                c.backlog += turn  # the session catches up on its next append
+                log.warning("ack_not_recorded", conversation=conversation, error=str(exc))
+            return
+        if cue.kind == "answer":
+            material = cue.user_text
+        else:
+            notes = "; ".join(cue.cover) or "still working"
+            material = prompts.render(
+                "narrator_cue", user_text="", kind=cue.kind, cover=notes
+            ).strip()
+        await self._append(
+            conversation, c, [Message(role="user", content=material)], generation_prompt=True
+        )
+        async for chunk in self.engine.generate(conversation, self.params):
+            if chunk.delta:
+                yield chunk.delta
+
+    async def _append(
+        self,
+        conversation: str,
+        c: _Conversation,
+        messages: list[Message],
+        generation_prompt: bool = False,
+    ) -> None:
+        for attempt in (1, 2):
+            try:
+                if not c.opened:
+                    await self.engine.open(
+                        conversation, system_prompt=self._system_prompt(conversation)
+                    )
+                    c.opened = True
+                await self.engine.append(
+                    conversation,
+                    messages=[*c.backlog, *messages],
+                    generation_prompt=generation_prompt,
+                )
+                c.backlog = []
+                return
+            except SessionLost:
+                # evicted while idle: reopen with the rolling summary in the system prompt
+                c.opened = False
+                if attempt == 2:
+                    raise
+
+    def _system_prompt(self, conversation: str) -> str:
+        summary_file = self.data.summaries / f"{conversation}.md"
+        summary = ""
+        if summary_file.exists():
+            summary = (
+                "What happened earlier in this conversation: "
+                + summary_file.read_text(encoding="utf-8")[-2000:]
+            )
+        return prompts.render("narrator", summary=summary).strip()
