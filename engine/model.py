@@ -1,0 +1,386 @@
+"""A compact Llama-family forward over StreamingLLM caches (gpt-fast style).
+
+Two stages: `prefill` appends a prompt to one session, `decode` appends one token to
+each of B sessions at once. Linear layers run batched over the sessions; attention runs
+per session against that session's `SinkCache` (see cache.py for why keys are stored
+rotated by their absolute index and queries are rotated twice).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine.cache import SinkCache
+from engine.errors import ModelLoadError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+ROPE_KEYS = {  # rope types we implement, and the parameters each needs
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The shape of a Llama-family model, read from a Hugging Face `config.json`."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Mapping[str, Any] = field(default_factory=dict)  # empty: plain RoPE
+    tie_embeddings: bool = False
+    eos_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
+        """Read a Hugging Face config dict; raise `ModelLoadError` if it is not a Llama."""
+        archs = config.get("architectures") or []
+        if not (set(archs) & set(SUPPORTED_ARCHITECTURES)) and (
+            archs or config.get("model_type") not in SUPPORTED_MODEL_TYPES
+        ):
+            found = ", ".join(archs) or config.get("model_type", "unknown")
+            raise ModelLoadError(
+                f"unsupported architecture {found}: "
+                f"supported are {', '.join(SUPPORTED_ARCHITECTURES)} (HF directory or GGUF)"
+            )
+        if config.get("hidden_act", "silu") != "silu":
+            raise ModelLoadError(
+                f"unsupported hidden_act {config['hidden_act']!r}: Llama needs silu"
+            )
+        # transformers 5 writes `rope_parameters`; older configs write rope_theta + rope_scaling.
+        rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_KEYS:
+            raise ModelLoadError(
+                f"unsupported rope type {rope_type!r}: supported are {', '.join(ROPE_KEYS)}"
+            )
+        if missing := [k for k in ROPE_KEYS[rope_type] if k not in rope]:
+            raise ModelLoadError(
+                f"rope type {rope_type!r} needs {', '.join(missing)} in config.json"
+            )
+        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        eos = config.get("eos_token_id")
+        try:
+            n_heads = int(config["num_attention_heads"])
+            return cls(
+                dim=int(config["hidden_size"]),
+                n_layers=int(config["num_hidden_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
+                head_dim=int(config.get("head_dim") or config["hidden_size"] // n_heads),
+                hidden_dim=int(config["intermediate_size"]),
+                vocab_size=int(config["vocab_size"]),
+                norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+                rope_theta=float(theta),
+                rope_scaling={**rope, "rope_type": rope_type} if rope_type != "default" else {},
+                tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                eos_ids=tuple(eos)
+                if isinstance(eos, list)
+                else (() if eos is None else (int(eos),)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"config.json is incomplete or malformed ({exc!r})") from exc
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse RoPE frequencies, computed as transformers does (fp32), returned as fp64. # [D/2]"""
+    exponents = torch.arange(0, args.head_dim, 2, dtype=torch.int64).float() / args.head_dim
+    inv_freq = 1.0 / (args.rope_theta**exponents)
+    rope_type = args.rope_scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(args.rope_scaling["factor"])
+    elif rope_type == "llama3":
+        # Llama 3.1: slow frequencies are divided by `factor`, fast ones kept, the middle blended.
+        factor, low, high, context = (
+            float(args.rope_scaling[k])
+            for k in ROPE_KEYS["llama3"]  # factor, low/high_freq_factor, original context
+        )
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= context / high) & (wavelen <= context / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq.double()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm, computed in fp32 like transformers."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE (rotate-half layout). x: [N, H, D], cos/sin: [N, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def attend(
+    q_window: torch.Tensor,
+    q_sink: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    n_sink: int,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """One softmax over [q_sink·K_sink | q_window·K_window], then the weighted sum of V.
+
+    q_*: [Hkv, G*C, D], query heads grouped by the kv head they share (GQA), so plain bmm
+    needs no copies of K/V; keys/values: [Hkv, N, D], sink keys first; mask: [C, N].
+    Returns [Hkv, G*C, D].
+    """
+    scores = torch.bmm(q_window, keys.transpose(1, 2))  # [Hkv, G*C, N]
+    if n_sink:
+        scores[..., :n_sink] = torch.bmm(q_sink, keys[:, :n_sink].transpose(1, 2))
+    scores = scores.float().mul_(q_window.shape[-1] ** -0.5)  # softmax in fp32 also under bf16
+    if mask is not None:
+        scores.view(scores.shape[0], -1, *mask.shape).masked_fill_(~mask, -math.inf)
+    return torch.bmm(torch.softmax(scores, dim=-1).to(values.dtype), values)
+
+
+@dataclass
+class Layer:
+    """One transformer block's weights, with q/k/v and gate/up fused for fewer matmuls."""
+
+    attn_norm: torch.Tensor  # [dim]
+    wqkv: torch.Tensor  # [(Hq + 2 Hkv) * D, dim]
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor  # [dim, Hq * D]
+    bo: torch.Tensor | None
+    mlp_norm: torch.Tensor  # [dim]
+    w_gate_up: torch.Tensor  # [2 * hidden, dim]
+    b_gate_up: torch.Tensor | None
+    w_down: torch.Tensor  # [dim, hidden]
+    b_down: torch.Tensor | None
+
+
+def pick_device(device: torch.device | str | None = None) -> torch.device:
+    """The given device, else cuda > mps > cpu."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class Model:
+    """A Llama-family causal LM that reads and writes `SinkCache`s. Weights are loaded once."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        state: Mapping[str, torch.Tensor],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.args = args
+        self.device = pick_device(device)
+        # bf16 halves memory traffic on CUDA; CPU matmuls are fastest and exact in fp32.
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.inv_freq = rope_frequencies(args)  # [D/2], fp64 on the CPU
+
+        def take(name: str) -> torch.Tensor:
+            if name not in state:
+                raise ModelLoadError(f"weight {name} missing from the checkpoint")
+            return state[name].to(self.device, self.dtype)
+
+        def fuse(names: list[str]) -> torch.Tensor | None:
+            present = [n in state for n in names]
+            if not any(present):
+                return None
+            return torch.cat([take(n) for n in names])
+
+        self.embed = take("model.embed_tokens.weight")  # [V, dim]
+        self.norm = take("model.norm.weight")  # [dim]
+        tied = args.tie_embeddings or "lm_head.weight" not in state
+        self.lm_head = self.embed if tied else take("lm_head.weight")  # [V, dim]
+        self.layers: list[Layer] = []
+        for i in range(args.n_layers):
+            p = f"model.layers.{i}."
+            attn, mlp = (
+                [p + f"self_attn.{n}_proj" for n in "qkv"],
+                [p + "mlp.gate_proj", p + "mlp.up_proj"],
+            )
+            self.layers.append(
+                Layer(
+                    attn_norm=take(p + "input_layernorm.weight"),
+                    wqkv=torch.cat([take(n + ".weight") for n in attn]),
+                    bqkv=fuse([n + ".bias" for n in attn]),
+                    wo=take(p + "self_attn.o_proj.weight"),
+                    bo=fuse([p + "self_attn.o_proj.bias"]),
+                    mlp_norm=take(p + "post_attention_layernorm.weight"),
+                    w_gate_up=torch.cat([take(n + ".weight") for n in mlp]),
+                    b_gate_up=fuse([n + ".bias" for n in mlp]),
+                    w_down=take(p + "mlp.down_proj.weight"),
+                    b_down=fuse([p + "mlp.down_proj.bias"]),
+                )
+            )
+
+    def new_cache(self, sink: int = 4, window: int = 1020) -> SinkCache:
+        """An empty cache for one session, on this model's device and dtype."""
+        a = self.args
+        return SinkCache(
+            a.n_layers, a.n_kv_heads, a.head_dim, sink, window, self.device, self.dtype
+        )
+
+    def rope(self, positions: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin at (possibly huge) positions, with fp64 angles so T ~ 1e6 keeps precision. # [N, D]"""
+        angles = torch.as_tensor(positions, dtype=torch.float64)[:, None] * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(self.device, self.dtype), angles.sin().to(self.device, self.dtype)
+
+    def project_qkv(
+        self, layer: Layer, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalise and project. x: [N, dim] -> q [N, Hq, D], k and v [N, Hkv, D]."""
+        a = self.args
+        qkv = F.linear(rms_norm(x, layer.attn_norm, a.norm_eps), layer.wqkv, layer.bqkv)
+        kv = a.n_kv_heads * a.head_dim
+        q, k, v = torch.split(qkv, [a.n_heads * a.head_dim, kv, kv], dim=-1)
+        n = x.shape[0]
+        return (
+            q.view(n, a.n_heads, a.head_dim),
+            k.view(n, a.n_kv_heads, a.head_dim),
+            v.view(n, a.n_kv_heads, a.head_dim),
+        )
+
+    def finish_layer(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual, SiLU MLP, residual. x, attn: [N, dim] / [N, Hq * D]."""
+        x = x + F.linear(attn, layer.wo, layer.bo)
+        gate, up = F.linear(
+            rms_norm(x, layer.mlp_norm, self.args.norm_eps), layer.w_gate_up, layer.b_gate_up
+        ).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+
+    def group(self, q: torch.Tensor) -> torch.Tensor:
+        """[C, Hq, D] -> [Hkv, G*C, D]: query heads grouped by the kv head they share (GQA)."""
+        a, c = self.args, q.shape[0]
+        return (
+            q.view(c, a.n_kv_heads, -1, a.head_dim)
+            .permute(1, 2, 0, 3)
+            .reshape(a.n_kv_heads, -1, a.head_dim)
+        )
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head, in fp32. x: [N, dim] -> [N, V]."""
+        return F.linear(rms_norm(x, self.norm, self.args.norm_eps), self.lm_head).float()
+
+    @torch.inference_mode()
+    def decode(
+        self, tokens: torch.Tensor | Sequence[int], caches: Sequence[SinkCache]
+    ) -> torch.Tensor:
+        """Append one token to each of B sessions; return next-token logits [B, V] (fp32).
+
+        Linear layers run as [B, dim] matmuls; attention is per session, against its cache.
+        """
+        tokens = torch.as_tensor(tokens, device=self.device).view(-1)  # [B]
+        if tokens.shape[0] != len(caches) or len({id(c) for c in caches}) != len(caches):
+            raise ValueError("decode needs exactly one token per session and distinct caches")
+        a, n = self.args, len(caches)
+        cos, sin = self.rope([c.tokens_seen for c in caches])  # [B, D] at T
+        cos_m, sin_m = self.rope([c.query_position(c.tokens_seen) for c in caches])  # at m
+        x = F.embedding(tokens, self.embed)  # [B, dim]
+        attn = torch.empty(n, a.n_heads * a.head_dim, device=self.device, dtype=self.dtype)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self.project_qkv(layer, x)
+            q_window, q_sink, k = rotate(q, cos, sin), rotate(q, cos_m, sin_m), rotate(k, cos, sin)
+            for b, cache in enumerate(caches):
+                cache.update(i, k[b, :, None], v[b, :, None])  # [Hkv, 1, D], in place
+                keys, values = cache.fetch(i, pending=1)  # [Hkv, n, D]
+                out = attend(
+                    self.group(q_window[b, None]),
+                    self.group(q_sink[b, None]),
+                    keys,
+                    values,
+                    min(cache.sink, keys.shape[1]),
+                    None,
+                )  # no mask: every filled slot is a kept token
+                attn[b] = out.reshape(-1)  # [Hkv, G, D] flattens head-major, as o_proj expects
+            x = self.finish_layer(layer, x, attn)
+        for cache in caches:
+            cache.advance(1)
+        return self.logits(x)
+
+    def decode_one_token(self, token: int, cache: SinkCache) -> torch.Tensor:
+        """Append one token to one session; return its next-token logits [V]."""
+        return self.decode([token], [cache])[0]
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        tokens: torch.Tensor | Sequence[int],
+        cache: SinkCache,
+        chunk_size: int = 256,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Append T tokens to one session, in chunks; return logits [T, V] (or [1, V]).
+
+        T may exceed the cache: tokens evicted inside a chunk are masked out for later queries.
+        """
+        tokens = torch.as_tensor(tokens, device=self.device).view(-1)  # [T]
+        total = tokens.shape[0]
+        if total == 0 or chunk_size < 1:
+            raise ValueError("prefill needs at least one token and chunk_size >= 1")
+        outputs: list[torch.Tensor] = []
+        start = 0
+        while start < total:
+            size = min(chunk_size, total - start)
+            if cache.tokens_seen < cache.sink:
+                # Sink tokens get their own chunk, so inside a chunk every key is a window key.
+                size = min(size, cache.sink - cache.tokens_seen)
+            x = self.forward_chunk(tokens[start : start + size], cache)
+            if not last_only or start + size == total:
+                outputs.append(self.logits(x[-1:] if last_only else x))
+            start += size
+        return torch.cat(outputs)
+
+    def forward_chunk(self, tokens: torch.Tensor, cache: SinkCache) -> torch.Tensor:
+        """Run C tokens of one session through every layer; return hidden states [C, dim]."""
+        a, c, t0 = self.args, tokens.shape[0], cache.tokens_seen
+        t = torch.arange(t0, t0 + c)  # [C] stream indices of the queries
+        cos, sin = self.rope(t)
+        cos_m, sin_m = self.rope([cache.query_position(int(i)) for i in t])
+        # Key j is visible to query i if causal and still kept when i arrives (a sink or in i's window).
+        key_t = torch.cat((cache.positions().cpu(), t))  # [N + C]
+        visible = (key_t[None] <= t[:, None]) & (
+            (key_t[None] < cache.sink) | (key_t[None] > t[:, None] - cache.window)
+        )
+        mask = visible.to(self.device)  # [C, N + C]
+        x = F.embedding(tokens, self.embed)  # [C, dim]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self.project_qkv(layer, x)
+            q_window, q_sink, k = rotate(q, cos, sin), rotate(q, cos_m, sin_m), rotate(k, cos, sin)
+            k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, C, D]
+            cached_k, cached_v = cache.fetch(i)  # [Hkv, N, D]
+            out = attend(
+                self.group(q_window),
+                self.group(q_sink),
+                torch.cat((cached_k, k), dim=1),
+                torch.cat((cached_v, v), dim=1),
+                min(cache.sink, cached_k.shape[1]),
+                mask,
+            )  # [Hkv, G*C, D]
+            cache.update(i, k, v)
+            heads = out.view(a.n_kv_heads, -1, c, a.head_dim).permute(2, 0, 1, 3)  # [C, Hkv, G, D]
+            x = self.finish_layer(layer, x, heads.reshape(c, -1))
+        cache.advance(c)
+        return x

@@ -1,0 +1,87 @@
+"""Engine fixtures: tiny random Llama models (milliseconds), a tiny tokenizer, the real model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from engine import Model, ModelArgs, load_model
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France; Berlin is the capital of Germany.",
+    "yes no maybe yes please no thanks",
+    "END of the story. The end. Stop here, STOP now.",
+    "Ünïcödé text: café, naïve, 東京 and emoji 🙂.",
+]
+
+
+def tiny_config(**overrides: Any) -> LlamaConfig:
+    """A 2-layer GQA Llama small enough to run a forward in about a millisecond."""
+    settings: dict[str, Any] = {
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+    }
+    return LlamaConfig(**(settings | overrides))
+
+
+def tiny_pair(seed: int = 0, **overrides: Any) -> tuple[LlamaForCausalLM, Model]:
+    """The same random weights as a transformers model (the reference) and as ours."""
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # transformers' init leaves norms at 1: randomise them too
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return hf, Model(ModelArgs.from_config(hf.config.to_dict()), hf.state_dict(), device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: thread hand-offs cost more than the math, worst on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny() -> tuple[LlamaForCausalLM, Model]:
+    return tiny_pair()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of about 300 tokens, trained in milliseconds."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+
+
+@pytest.fixture(scope="session")
+def real() -> tuple[Any, Any]:
+    """The default SmolLM2-135M-Instruct (converted once into the user's cache)."""
+    return load_model(device="cpu")

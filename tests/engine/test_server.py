@@ -1,0 +1,214 @@
+"""The engine process's loop on a tiny random model: sessions, streaming, fairness,
+batching, cancellation, eviction and bad requests, through the real socket and client."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import anyio
+import msgspec
+import pytest
+import zmq
+import zmq.asyncio
+from transformers import PreTrainedTokenizerFast
+
+from engine.client import Client, EngineError, EngineUnavailable, SessionLost
+from engine.protocol import Message
+from engine.sampling import SamplingParams
+from engine.server import EngineConfig, EngineServer
+from runtime.keys import load_public
+from runtime.paths import DataDir
+from tests.engine.conftest import tiny_pair
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
+
+
+@pytest.fixture
+def engine(data: DataDir, tiny_tokenizer: PreTrainedTokenizerFast) -> Iterator[EngineServer]:
+    tokenizer = tiny_tokenizer
+    tokenizer.chat_template = CHATML
+    _, model = tiny_pair(vocab_size=len(tokenizer))
+    config = EngineConfig(sink=2, window=30, idle_s=60, max_append_tokens=400)
+    server = EngineServer(
+        model, tokenizer, data.ipc("engine"), data.keys, config, model_name="tiny"
+    )
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    assert server.ready.wait(10)
+    yield server
+    server.stop()
+    thread.join(10)
+
+
+def client(data: DataDir, identity: str = "narrator", timeout: float = 10) -> Client:
+    return Client.connect(identity, data.root, timeout=timeout)
+
+
+async def test_a_session_grows_turn_by_turn_without_resending(
+    data: DataDir, engine: EngineServer
+) -> None:
+    async with client(data) as llm:
+        await llm.open("c1", system_prompt="Be brief.")
+        first = await llm.append(
+            "c1", messages=[Message(role="user", content="yes no")], generation_prompt=True
+        )
+        chunks = [c async for c in llm.generate("c1", GREEDY)]
+        assert chunks[-1].finish in ("stop", "length")
+        assert [c.tokens for c in chunks] == list(range(1, len(chunks) + 1))  # one chunk per token
+        turn = engine.templates.messages(
+            [Message(role="user", content="the end")], True, first=False
+        )
+        second = await llm.append(
+            "c1", messages=[Message(role="user", content="the end")], generation_prompt=True
+        )
+        # only the reply, the template's tail after it, and the new turn were added
+        reply = len(chunks) - (chunks[-1].finish == "stop")
+        assert second == first + reply + len(engine.templates.reply_tail) + len(turn)
+
+
+async def test_concurrent_generations_interleave_and_share_forward_calls(
+    data: DataDir, engine: EngineServer
+) -> None:
+    params = SamplingParams(temperature=0, max_tokens=12)
+    async with client(data) as llm:
+        for name in ("a", "b", "c"):
+            await llm.open(name)
+            await llm.append(name, text="The quick brown fox")
+        order: list[str] = []
+        before = engine.forward_calls
+
+        async def run(name: str) -> None:
+            async for _ in llm.generate(name, params):
+                order.append(name)
+
+        async with anyio.create_task_group() as tg:
+            for name in ("a", "b", "c"):
+                tg.start_soon(run, name)
+    calls = engine.forward_calls - before
+    assert calls < len(order), f"{calls} forward calls for {len(order)} tokens: no batching"
+    # once all three run, and until the first ends, each step gives each one token
+    start = max(order.index(n) for n in "abc")
+    end = min(len(order) - order[::-1].index(n) for n in "abc")
+    assert end - start >= 6, order
+    for i in range(start + 2, end):
+        assert sorted(order[i - 2 : i + 1]) == ["a", "b", "c"], order
+
+
+async def test_cancel_stops_a_stream_within_a_step(data: DataDir, engine: EngineServer) -> None:
+    async with client(data) as llm:
+        await llm.open("long")
+        await llm.append("long", text="The quick brown fox")
+        seen = 0
+        async for _ in llm.generate(
+            "long", SamplingParams(temperature=0.8, seed=1, max_tokens=4000)
+        ):
+            seen += 1
+            if seen == 3:
+                break  # leaving the loop sends Cancel
+        await anyio.sleep(0.3)
+        stats = await llm.stats()
+        assert stats.active_requests == 0
+        # the session is usable again at once
+        await llm.append("long", text=" jumps")
+        assert [c async for c in llm.generate("long", SamplingParams(temperature=0, max_tokens=2))]
+
+
+async def test_explicit_cancel_ends_the_stream_with_cancelled(
+    data: DataDir, engine: EngineServer
+) -> None:
+    async with client(data) as llm:
+        await llm.open("s")
+        await llm.append("s", text="Paris is")
+        stream = llm.generate("s", SamplingParams(temperature=0.8, seed=2, max_tokens=4000))
+        first = await anext(stream)
+        request = next(iter(llm._waiting))
+        await llm.cancel(request)
+        rest = [c async for c in stream]
+        assert rest and rest[-1].finish == "cancelled"
+        assert first.tokens + len(rest) < 20  # stopped within a step or two, not at max_tokens
+
+
+async def test_idle_session_is_evicted_and_can_be_reopened(
+    data: DataDir, engine: EngineServer
+) -> None:
+    engine.config.idle_s = 0.2
+    async with client(data) as llm:
+        await llm.open("idle")
+        await llm.append("idle", text="hello")
+        await anyio.sleep(0.6)
+        with pytest.raises(SessionLost, match="open it again"):
+            await llm.append("idle", text="again")
+        await llm.open("idle")
+        assert await llm.append("idle", text="again") > 0
+
+
+async def test_bad_requests_get_errors_and_the_engine_keeps_serving(
+    data: DataDir, engine: EngineServer
+) -> None:
+    async with client(data) as llm:
+        with pytest.raises(EngineError, match="open it first") as unknown:
+            await llm.append("nope", text="x")
+        assert unknown.value.kind == "unknown_session"
+        await llm.open("s")
+        with pytest.raises(EngineError) as too_long:
+            await llm.append("s", text="yes no " * 400)
+        assert too_long.value.kind == "too_long"
+        with pytest.raises(EngineError, match="empty"):
+            [c async for c in llm.generate("s", GREEDY)]
+        # raw garbage and a negative max_tokens, straight onto the socket
+        assert llm._sock is not None
+        await llm._sock.send(b"\xc1 not msgpack")
+        bad = msgspec.msgpack.encode(
+            {"type": "Generate", "id": "neg", "session": "s", "params": {"max_tokens": -1}}
+        )
+        await llm._sock.send(bad)
+        await anyio.sleep(0.2)
+        assert (await llm.stats()).model == "tiny"
+
+
+async def test_complete_keeps_no_session(data: DataDir, engine: EngineServer) -> None:
+    async with client(data, "controller") as llm:
+        text = await llm.complete_text(
+            messages=[Message(role="user", content="yes or no?")],
+            params=SamplingParams(temperature=0, choices=["yes", "no"]),
+        )
+        assert text in ("yes", "no")
+        assert (await llm.stats()).sessions == 0
+
+
+async def test_sessions_are_private_to_their_caller(data: DataDir, engine: EngineServer) -> None:
+    async with client(data, "narrator") as narrator, client(data, "coder") as coder:
+        await narrator.open("shared-name")
+        with pytest.raises(EngineError, match="open it first"):
+            await coder.append("shared-name", text="x")
+
+
+@pytest.mark.parametrize("identity", ["client", "monitor"])
+async def test_client_and_monitor_are_refused(
+    data: DataDir, engine: EngineServer, identity: str
+) -> None:
+    async with client(data, identity, timeout=1.0) as llm:
+        with pytest.raises(EngineUnavailable):
+            await llm.stats()
+
+
+async def test_a_stranger_key_is_refused(data: DataDir, engine: EngineServer) -> None:
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    public, secret = zmq.curve_keypair()
+    sock.curve_publickey, sock.curve_secretkey = public, secret
+    sock.curve_serverkey = load_public(data.keys, "engine")
+    sock.connect(data.ipc("engine"))
+    try:
+        await sock.send(msgspec.msgpack.encode({"type": "Stats", "id": "x"}))
+        with anyio.move_on_after(1.0) as scope:
+            await sock.recv()
+        assert scope.cancelled_caught
+    finally:
+        sock.close(linger=0)
+        ctx.term()
