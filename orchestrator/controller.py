@@ -103,7 +103,7 @@ class Controller:
             return
         conversation = envelope.conversation or envelope.id
         text = envelope.body.text
-        route = await self._route(text)
+        route = self._available(await self._route(text))
         log.info("routed", conversation=conversation, agents=route.agents, method=route.method)
         task_ids = [
             await self._assign(conversation, agent, route.subtasks[agent]) for agent in route.agents
@@ -119,6 +119,18 @@ class Controller:
                 for o in outs
             ]
         await self._emit(outs)
+
+    def _available(self, route: Route) -> Route:
+        """Only agents that are alive (a heartbeat in the last few seconds) get tasks;
+        with none of them up, the narrator answers by itself."""
+        now = time.monotonic()
+        alive = [a for a in route.agents if now - self.last_seen.get(a, -1e9) < MISSED_HEARTBEATS_S]
+        if alive == route.agents:
+            return route
+        log.warning("agents_unavailable", wanted=route.agents, alive=alive)
+        return msgspec.structs.replace(
+            route, agents=alive, subtasks={a: route.subtasks[a] for a in alive}
+        )
 
     async def _route(self, text: str) -> Route:
         if is_small_talk(text):

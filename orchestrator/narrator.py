@@ -40,7 +40,9 @@ log = structlog.get_logger("narrator")
 
 DecisionAction = Literal["spoken", "finished"]
 
-SPEAK = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=160, seed=0)
+SPEAK = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=160, seed=0, stop=["\n\n\n"])
+# progress is one short paragraph: the user wants to know it is moving, not a story
+PROGRESS = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=48, seed=0, stop=["\n\n"])
 
 
 @dataclass
@@ -199,7 +201,8 @@ class Narrator:
         await self._append(
             conversation, c, [Message(role="user", content=material)], generation_prompt=True
         )
-        async for chunk in self.engine.generate(conversation, self.params):
+        params = PROGRESS if cue.kind == "progress" else self.params
+        async for chunk in self.engine.generate(conversation, params):
             if chunk.delta:
                 yield chunk.delta
 

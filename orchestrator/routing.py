@@ -43,22 +43,32 @@ SMALL_TALK = re.compile(
     r"how'?s it going|nice to meet you)\b[\s!.?,]*(there|chorus|again|so much|a lot)?[\s!.?]*$",
     re.IGNORECASE,
 )
-CODE_WORDS = re.compile(
-    r"\b(compute|calculate|evaluate|run|execute|script|program|code|function|simulate|"
-    r"sum of|product of|factorial|fibonacci|prime|sort|plot|convert|how many|what is \d)",
+# chit-chat that does not fit a one-line greeting: about the assistant, or pleasantries
+CHIT_CHAT = re.compile(
+    r"^\s*(hi|hello|hey|thanks|thank you|good (morning|afternoon|evening))\b[^?]*[.!]?\s*$|"
+    r"\b(about yourself|who are you|your day|how are you|nice to meet|that was (helpful|great))\b",
     re.IGNORECASE,
 )
-DOC_WORDS = re.compile(
-    r"\b(what is|what are|what does|how do|how does|how to|explain|why|when|where|which|"
-    r"documentation|docs|reference|meaning|difference|describe|tell me about|syntax|keyword|"
-    r"statement|operator|module|method|python)\b",
+CODE_WORDS = re.compile(
+    r"\b(compute|calculate|evaluate|run|execute|script|program|simulate|sum of|product of|"
+    r"factorial|fibonacci|primes?|sort|plot|convert|how many|count the|reverse the|"
+    r"what is \d|power of|using python)\b",
+    re.IGNORECASE,
+)
+FIND_WORDS = re.compile(
+    r"\b(where|find|look up|search|which (part|section)|section|documented|in the (docs|reference))\b",
+    re.IGNORECASE,
+)
+EXPLAIN_WORDS = re.compile(
+    r"\b(explain|what is|what are|what does|how do|how does|how to|why|describe|difference|"
+    r"tell me about|meaning)\b",
     re.IGNORECASE,
 )
 
 
 def is_small_talk(text: str) -> bool:
     """Greetings, thanks and the like: the narrator answers with no task."""
-    return bool(SMALL_TALK.match(text)) or not text.strip()
+    return bool(SMALL_TALK.match(text) or CHIT_CHAT.search(text)) or not text.strip()
 
 
 def keyword_route(text: str) -> Route:
@@ -66,19 +76,30 @@ def keyword_route(text: str) -> Route:
     if is_small_talk(text):
         return Route(agents=[], subtasks={}, method="small_talk")
     agents: list[str] = []
-    if CODE_WORDS.search(text) or re.search(r"\d\s*[-+*/^%]\s*\d", text):
+    if CODE_WORDS.search(text) or re.search(r"\d\s*[-+*/^%]\s*\(?\d", text):
         agents.append("coder")
-    if DOC_WORDS.search(text) and not agents:
-        agents += ["search", "rag"]
+    else:
+        if FIND_WORDS.search(text):
+            agents.append("search")
+        if EXPLAIN_WORDS.search(text):
+            agents.append("rag")
     if not agents:
         agents = ["search", "rag"]  # when unsure, look it up rather than guess
     return Route(agents=agents, subtasks={a: text for a in agents}, method="keyword")
 
 
 ROUTER_PROMPT = (
-    "You route requests to helpers. coder: computing, calculating or running Python. "
-    "search: finding where something is documented. rag: explaining a topic from the "
-    "documentation. search+rag: both. none: chit-chat needing no helper.\n"
+    "Pick the helper for a request.\n"
+    "coder = compute, calculate or run Python code.\n"
+    "search = find where something is documented.\n"
+    "rag = explain a Python topic.\n"
+    "search+rag = explain it and say where it is documented.\n"
+    "none = greetings and chit-chat.\n\n"
+    "Request: What is 12 times 34?\nHelper: coder\n"
+    "Request: Where are decorators documented?\nHelper: search\n"
+    "Request: How does a while loop work?\nHelper: rag\n"
+    "Request: Explain generators and where the docs cover them.\nHelper: search+rag\n"
+    "Request: Hello, how are you?\nHelper: none\n"
     "Request: {text}\nHelper:"
 )
 
@@ -95,11 +116,10 @@ class Completer(Protocol):
 
 async def model_route(engine: Completer, text: str) -> Route:
     """Ask the model, constrained to ``CHOICES``; fall back to keywords on anything else."""
-    params = SamplingParams(temperature=0, max_tokens=8, choices=list(CHOICES))
-    prompt = ROUTER_PROMPT.format(text=text.strip()[:2000])
-    raw = (
-        await engine.complete_text(messages=[Message(role="user", content=prompt)], params=params)
-    ).strip()
+    # a raw few-shot prompt, the choices spelled as the examples tokenize: " coder"
+    params = SamplingParams(temperature=0, max_tokens=8, choices=[f" {c}" for c in CHOICES])
+    prompt = ROUTER_PROMPT.format(text=" ".join(text.split())[:2000])
+    raw = (await engine.complete_text(prompt, params)).strip()
     agents = CHOICES.get(raw)
     if agents is None:
         fallback = keyword_route(text)
