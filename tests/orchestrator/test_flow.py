@@ -48,7 +48,7 @@ async def test_a_documentation_question_reaches_workers_and_only_the_narrator_sp
         decisions = rt.subscribe("narrator.decision")
         await rt.publish(
             "user.in",
-            m.UserTurn(text="What does the for statement do in Python?"),
+            m.UserTurn(text="Explain the for statement and where it is documented."),
             conversation="c1",
         )
         ack, result = await collect_streams(rt, out, "c1", 2)
