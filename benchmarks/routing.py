@@ -115,8 +115,12 @@ async def score(requests: list[tuple[str, str]], data: DataDir) -> list[dict[str
             started = time.perf_counter()
             route = await model_route(llm, text)
             seconds = time.perf_counter() - started
-            keyword = label_of(keyword_route(text).agents)
+            by_keywords = keyword_route(text)
+            keyword = label_of(by_keywords.agents)
             model = label_of(route.agents)
+            # what the controller does: clear keyword signals win, the model breaks ties
+            trusted = by_keywords.method == "small_talk" or by_keywords.confident
+            controller = keyword if trusted else model
             rows.append(
                 {
                     "request": text,
@@ -125,6 +129,7 @@ async def score(requests: list[tuple[str, str]], data: DataDir) -> list[dict[str
                     "model_valid": route.method == "model",
                     "model": model,
                     "keyword": keyword,
+                    "controller": controller,
                     "model_s": round(seconds, 3),
                 }
             )
@@ -167,6 +172,9 @@ def main() -> None:
         ),
         "keyword_accuracy": round(
             sum(correct(str(r["label"]), str(r["keyword"])) for r in rows) / n, 3
+        ),
+        "controller_accuracy": round(
+            sum(correct(str(r["label"]), str(r["controller"])) for r in rows) / n, 3
         ),
         "model_doc_accuracy": round(
             sum(doc_correct(str(r["label"]), str(r["model"])) for r in rows) / n, 3

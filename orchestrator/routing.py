@@ -35,6 +35,7 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     subtasks: dict[str, str]
     method: Method
     raw: str = ""  # what the model answered, for the record
+    confident: bool = True  # False when the keyword router only guessed
 
 
 SMALL_TALK = re.compile(
@@ -83,9 +84,12 @@ def keyword_route(text: str) -> Route:
             agents.append("search")
         if EXPLAIN_WORDS.search(text):
             agents.append("rag")
+    confident = bool(agents)
     if not agents:
         agents = ["search", "rag"]  # when unsure, look it up rather than guess
-    return Route(agents=agents, subtasks={a: text for a in agents}, method="keyword")
+    return Route(
+        agents=agents, subtasks={a: text for a in agents}, method="keyword", confident=confident
+    )
 
 
 ROUTER_PROMPT = (

@@ -123,9 +123,14 @@ def test_rendered_prompts_fit_the_budget_in_real_tokens() -> None:
 )
 def test_keyword_router(text: str, agents: list[str]) -> None:
     route = keyword_route(text)
-    assert route.agents == agents
+    assert route.agents == agents and route.confident
     assert route.method == ("small_talk" if not agents else "keyword")
     assert is_small_talk(text) == (not agents)
+
+
+def test_keyword_router_says_when_it_only_guessed() -> None:
+    route = keyword_route("tell me something interesting about decorators")
+    assert route.agents == ["search", "rag"] and not route.confident
 
 
 class FixedCompleter:
