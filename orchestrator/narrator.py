@@ -40,7 +40,8 @@ log = structlog.get_logger("narrator")
 
 DecisionAction = Literal["spoken", "finished"]
 
-SPEAK = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=160, seed=0, stop=["\n\n\n"])
+# a short paragraph: a small model left to run on repeats itself
+SPEAK = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=96, seed=0, stop=["\n\n"])
 # progress is one short paragraph: the user wants to know it is moving, not a story
 PROGRESS = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=48, seed=0, stop=["\n\n"])
 
