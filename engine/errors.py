@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from runtime.errors import ChorusError
 
-class ModelLoadError(Exception):
+
+class ModelLoadError(ChorusError):
     """A model could not be loaded: the message names the cause and what is supported."""
 
     def __init__(self, message: str) -> None:

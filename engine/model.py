@@ -307,8 +307,8 @@ class Model:
                 cache.update(i, k[b, :, None], v[b, :, None])  # [Hkv, 1, D], in place
                 keys, values = cache.fetch(i, pending=1)  # [Hkv, n, D]
                 out = attend(
-                    self.group(q_window[b, None]),
-                    self.group(q_sink[b, None]),
+                    q_window[b].view(a.n_kv_heads, -1, a.head_dim),  # [Hkv, G, D], as `group`
+                    q_sink[b].view(a.n_kv_heads, -1, a.head_dim),
                     keys,
                     values,
                     min(cache.sink, keys.shape[1]),

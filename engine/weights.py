@@ -148,7 +148,10 @@ def read_config(directory: Path) -> dict[str, Any]:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"no config.json in {directory}: need {SUPPORTED}")
-    config: dict[str, Any] = json.loads(config_file.read_text())
+    try:
+        config: dict[str, Any] = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON ({exc})") from exc
     return config
 
 

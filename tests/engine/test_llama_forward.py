@@ -182,6 +182,14 @@ def test_batched_decode_rejects_mismatched_sessions(tiny: tuple[LlamaForCausalLM
         model.decode(torch.tensor([1, 2]), [cache, cache])
 
 
+def test_prefill_rejects_no_tokens_and_empty_chunks(tiny: tuple[LlamaForCausalLM, Model]) -> None:
+    _, model = tiny
+    with pytest.raises(ValueError, match="at least one token"):
+        model.prefill([], model.new_cache())
+    with pytest.raises(ValueError, match="chunk_size"):
+        model.prefill([1, 2], model.new_cache(), chunk_size=0)
+
+
 def test_prefill_last_only_returns_the_last_logits(tiny: tuple[LlamaForCausalLM, Model]) -> None:
     _, model = tiny
     tokens = torch.randint(0, 128, (30,))
