@@ -41,6 +41,8 @@ schemas: setup
 	$(BIN)/python -m runtime schemas --write
 
 bench: setup
+	# log_query compares against grep | jq
+	command -v jq >/dev/null || (apt-get update -qq && apt-get install -y -qq jq)
 	$(BIN)/python -m benchmarks $(if $(FULL),--full,--quick)
 
 clean-cache:
