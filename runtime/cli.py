@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import time
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-engine", action="store_true", help="start without the engine (bus and agents only)"
     )
     p.add_argument("--ask", metavar="QUESTION", help="ask one question, print the answer, and exit")
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        help="index this folder of text/markdown for search and rag (default: the Python docs)",
+    )
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("broker", help="run the broker alone")
@@ -194,6 +200,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     data = DataDir.at(args.data_dir)
     data.ensure()
     ensure_keys(data.keys)
+    if args.corpus is not None:  # the search and rag children read it from their environment
+        if not args.corpus.is_dir():
+            raise ConfigError(f"--corpus {args.corpus} is not a folder")
+        os.environ["CHORUS_CORPUS"] = str(args.corpus.resolve())
     broker_args: tuple[str, ...] = ()
     if args.bind:
         from .broker import check_bind

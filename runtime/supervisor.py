@@ -42,7 +42,11 @@ READY_TIMEOUT_S = 120.0
 Readiness = Literal["endpoints", "heartbeat", "engine"]
 
 # the worker agents and their implementations; replaced per Runtime for tests and apps
-DEFAULT_AGENTS: dict[str, str] = {}
+DEFAULT_AGENTS: dict[str, str] = {
+    "coder": "agents.coder:CoderAgent",
+    "search": "agents.search:SearchAgent",
+    "rag": "agents.rag:RagAgent",
+}
 
 
 @dataclass
