@@ -26,3 +26,16 @@ class EchoAgent(Agent):
         if "fail" in task.params:
             raise TaskFailed(task.params["fail"])
         return TaskResult(message=f"echo: {task.text}", data={"text": task.text})
+
+
+class SlowAgent(Agent):
+    """Works on every task for ``SECONDS`` (progress every second), then echoes it: a
+    task that is reliably still running when a test kills the agent."""
+
+    SECONDS = 20
+
+    async def on_task(self, task: Task) -> TaskResult:
+        for i in range(self.SECONDS):
+            await anyio.sleep(1)
+            await self.progress(task, f"second {i + 1} of {self.SECONDS}", (i + 1) / self.SECONDS)
+        return TaskResult(message=f"slowly: {task.text}")

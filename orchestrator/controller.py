@@ -202,7 +202,12 @@ class Controller:
                 self._record(task.id, "succeeded", result=body.message[:500])
                 text = _result_text(task.agent, body)
                 event = TaskEvent(
-                    task.id, "result", text, time.monotonic(), sources=body.sources + body.artefacts
+                    task.id,
+                    "result",
+                    text,
+                    time.monotonic(),
+                    sources=body.sources,
+                    attachments=_attachments(task.agent, body),
                 )
                 await self._emit(self.gate.task_event(task.conversation, event))
             case "failed" | "cancelled":
@@ -262,7 +267,14 @@ class Controller:
             log.info("config", key=body.key, value=body.value, applied=known)
         elif isinstance(body, m.ProcessEvent) and envelope.topic in ("sys.restart", "sys.gave_up"):
             playbook = "agent_crashed" if envelope.topic == "sys.restart" else "task_failed"
-            for task in [t for t in self.tasks.values() if t.agent == body.process and not t.done]:
+            # only what the dead process held: a retry assigned since then is the new one's
+            crashed_before = time.monotonic() - 0.5
+            held = [
+                t
+                for t in self.tasks.values()
+                if t.agent == body.process and not t.done and t.started < crashed_before
+            ]
+            for task in held:
                 await self._failed(task, f"{body.process} {body.reason}", playbook)
 
     # -- the clock ---------------------------------------------------------------------------
@@ -302,6 +314,14 @@ def _with_cover(cue: m.Cue | m.Decision, cover: list[str]) -> m.Cue | m.Decision
     if not isinstance(cue, m.Cue):
         return cue
     return msgspec.structs.replace(cue, cover=cover)
+
+
+def _attachments(agent: str, update: m.TaskUpdate) -> list[str]:
+    """What the user sees verbatim: the program's real output, not the model's retelling."""
+    if agent != "coder":
+        return []
+    stdout = str(update.data.get("stdout", "")).rstrip()
+    return [f"Output:\n{stdout[:2000]}"] if stdout else []
 
 
 def _result_text(agent: str, update: m.TaskUpdate) -> str:

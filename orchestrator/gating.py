@@ -57,6 +57,7 @@ class TaskEvent:
     at: float
     sources: list[str] = field(default_factory=list)
     playbook: str = ""  # a playbook to tell the user with this event (agent crashed, …)
+    attachments: list[str] = field(default_factory=list)  # shown verbatim, e.g. program output
 
 
 @dataclass
@@ -248,6 +249,7 @@ class Gate:
                 (e.playbook for e in events if e.playbook), "task_failed" if failed else ""
             ),
             closes_turn=kind == "result" and not c.running,
+            attachments=[a for e in events for a in e.attachments],
         )
         out.append(Out(conversation, cue))
         return out

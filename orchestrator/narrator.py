@@ -153,6 +153,8 @@ class Narrator:
                 if cue.kind != "playbook":
                     async for delta in self._words(conversation, c, cue):
                         await say(delta)
+                    for attachment in cue.attachments:  # by code: exact, whatever the model said
+                        await say(f"\n{attachment}\n")
                     if cue.sources:
                         await say("\nSources: " + ", ".join(cue.sources))
         except (EngineUnavailable, EngineError) as exc:

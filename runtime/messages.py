@@ -104,6 +104,7 @@ class Cue(Body, frozen=True, kw_only=True):
     user_text: str = ""
     preempt: bool = False
     closes_turn: bool = False  # nothing more will be said about this turn after it
+    attachments: list[str] = msgspec.field(default_factory=list)  # shown verbatim (program output)
 
 
 class Decision(Body, frozen=True, kw_only=True):
