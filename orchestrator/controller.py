@@ -110,7 +110,9 @@ class Controller:
             await self._assign(conversation, agent, route.subtasks[agent]) for agent in route.agents
         ]
         cue_kind: m.CueKind = "ack" if task_ids else "answer"
-        outs = self.gate.user_turn(conversation, text, tasks=task_ids, kind=cue_kind)
+        outs = self.gate.user_turn(
+            conversation, text, tasks=task_ids, kind=cue_kind, turn=envelope.id
+        )
         if task_ids:
             names = " and ".join(ACKS[a] for a in route.agents)
             outs = [

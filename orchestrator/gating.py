@@ -79,6 +79,7 @@ class _Conversation:
     last_progress: float = -1e9
     idle_fired: bool = False
     held: set[str] = field(default_factory=set)  # tasks whose hold was already recorded
+    turn: str = ""  # the latest user turn
 
 
 PRIORITY = {"answer": 3, "ack": 1, "progress": 1, "result": 2, "playbook": 2}
@@ -91,6 +92,7 @@ class Gate:
         self.clock = clock
         self.config = config or GateConfig()
         self._convs: dict[str, _Conversation] = {}
+        self._turn_of: dict[str, str] = {}  # task -> the user turn it serves
 
     def _conv(self, conversation: str) -> _Conversation:
         if conversation not in self._convs:
@@ -103,7 +105,13 @@ class Gate:
     # -- inputs ----------------------------------------------------------------------------
 
     def user_turn(
-        self, conversation: str, text: str, *, tasks: list[str], kind: m.CueKind = "answer"
+        self,
+        conversation: str,
+        text: str,
+        *,
+        tasks: list[str],
+        kind: m.CueKind = "answer",
+        turn: str = "",
     ) -> list[Out]:
         """A new user turn: preempt whatever is being said, and answer (or acknowledge
         the work started for it, when ``tasks`` were assigned)."""
@@ -119,6 +127,8 @@ class Gate:
             )
         c.pending = [e for e in c.pending if e.kind != "progress"]  # old progress is moot now
         c.running |= set(tasks)
+        c.turn = turn
+        self._turn_of.update(dict.fromkeys(tasks, turn))
         c.idle_fired = False
         c.last_heard = self.clock()
         cue = m.Cue(
@@ -130,6 +140,7 @@ class Gate:
             tasks=tasks,
             preempt=preempt,
             closes_turn=not tasks,
+            turn=turn,
         )
         out.append(Out(conversation, cue))
         return out
@@ -206,6 +217,7 @@ class Gate:
                 kind="progress",
                 cover=["still working"],
                 tasks=sorted(c.running),
+                turn=c.turn,
             )
             return [Out(conversation, cue)]
         return []
@@ -250,6 +262,7 @@ class Gate:
             ),
             closes_turn=kind == "result" and not c.running,
             attachments=[a for e in events for a in e.attachments],
+            turn=self._turn_of.get(events[0].task, c.turn),
         )
         out.append(Out(conversation, cue))
         return out

@@ -140,6 +140,7 @@ class Narrator:
                 notice=notice,
                 sources=sources or [],
                 closes_turn=closes_turn,
+                turn=cue.turn,
             )
             seq += 1
             await self.bus.publish("user.out", chunk, conversation=conversation)

@@ -81,12 +81,13 @@ class Connection:
         assert self._client is not None
         conversation = conversation or m.new_id()
         with self._client.subscribe("user.out") as out:
-            await self.publish("user.in", m.UserTurn(text=text), conversation=conversation)
+            turn = await self.publish("user.in", m.UserTurn(text=text), conversation=conversation)
             async for envelope in out:
-                if envelope.conversation != conversation or not isinstance(envelope.body, m.Chunk):
+                body = envelope.body
+                if not isinstance(body, m.Chunk) or body.turn != turn.id:
                     continue
-                yield envelope.body
-                if envelope.body.final and envelope.body.closes_turn:
+                yield body
+                if body.final and body.closes_turn:
                     return
 
 

@@ -46,6 +46,7 @@ class Chunk(Body, frozen=True, kw_only=True):
     notice: bool = False  # a playbook or system notice rather than a model answer
     sources: list[str] = msgspec.field(default_factory=list)
     closes_turn: bool = False  # on a final chunk: the answer to the user's turn is complete
+    turn: str = ""  # envelope id of the user.in this stream is about
 
 
 class TaskAssign(Body, frozen=True, kw_only=True):
@@ -105,6 +106,7 @@ class Cue(Body, frozen=True, kw_only=True):
     preempt: bool = False
     closes_turn: bool = False  # nothing more will be said about this turn after it
     attachments: list[str] = msgspec.field(default_factory=list)  # shown verbatim (program output)
+    turn: str = ""  # envelope id of the user.in this cue is about
 
 
 class Decision(Body, frozen=True, kw_only=True):
