@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -14,20 +13,10 @@ import anyio
 from engine.client import Client
 from runtime import logconfig
 from runtime.bus import Bus
-from runtime.errors import ChorusError, NotRunning
+from runtime.errors import ChorusError
 from runtime.paths import DataDir
 
 from .process import until_signalled
-
-
-def _endpoints(data: DataDir) -> None:
-    deadline = time.monotonic() + 30
-    while not data.endpoints_file.exists():
-        if time.monotonic() > deadline:
-            raise NotRunning(
-                f"no broker runs for {data.root}; start one with `python -m runtime launch`"
-            )
-        time.sleep(0.1)
 
 
 async def serve(role: str, data: DataDir) -> None:
@@ -73,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console=False if args.log_json else None,
     )
     try:
-        _endpoints(data)
+        data.wait_for_endpoints()
         anyio.run(serve, args.role, data)
     except ChorusError as exc:
         if args.debug:

@@ -284,14 +284,7 @@ def _endpoints_and_keys(target: Path, keys: Path | None) -> tuple[Endpoints, Pat
     """``--connect``: a data dir, or an endpoints.json (keys beside it or from --keys)."""
     if target.is_dir():
         data = DataDir(target)
-        deadline = time.monotonic() + 30
-        while not data.endpoints_file.exists():
-            if time.monotonic() > deadline:
-                raise NotRunning(
-                    f"no broker runs for {target} (no {data.endpoints_file}); start one with `python -m runtime launch`"
-                )
-            time.sleep(0.1)
-        return data.read_endpoints(), keys or data.keys
+        return data.wait_for_endpoints(), keys or data.keys
     try:
         endpoints = msgspec.json.decode(target.read_bytes(), type=Endpoints)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import structlog
+
+from .errors import NotRunning
 
 log = structlog.get_logger("paths")
 
@@ -92,6 +95,18 @@ class DataDir:
 
     def ipc(self, name: str) -> str:
         return f"ipc://{self.socket_dir() / name}.sock"
+
+    def wait_for_endpoints(self, timeout: float = 30.0) -> Endpoints:
+        """The endpoints once the broker has written them (a child may start first)."""
+        deadline = time.monotonic() + timeout
+        while not self.endpoints_file.exists():
+            if time.monotonic() > deadline:
+                raise NotRunning(
+                    f"no broker runs for {self.root} (no {self.endpoints_file}); "
+                    "start one with `python -m runtime launch`"
+                )
+            time.sleep(0.1)
+        return self.read_endpoints()
 
     def read_endpoints(self) -> Endpoints:
         """The running instance's endpoints; raises FileNotFoundError if none runs."""
