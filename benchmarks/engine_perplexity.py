@@ -179,9 +179,9 @@ class CacheSizeResult:
 
     def subset(self, method: str) -> np.ndarray:
         """The method's NLLs on the scored subset."""
-        if method == "recompute":
-            return self.nll[method]
-        return self.nll[method][self.positions - 1]
+        nll = self.nll[method]
+        scored: np.ndarray = nll if method == "recompute" else nll[self.positions - 1]
+        return scored
 
     def summary(self) -> dict[str, Any]:
         """Perplexities (subset and all positions), the settings and ratios to recompute."""
@@ -191,22 +191,22 @@ class CacheSizeResult:
             "streaming": {"sink": SINK, "window": self.size - SINK},
             "recompute": {"context": self.size, "forwards": self.recompute_forwards},
         }
+        subset_ppl = {m: ppl(self.subset(m)) for m in METHODS}
         methods = {
             m: {
-                "ppl": ppl(self.subset(m)),
+                "ppl": subset_ppl[m],
                 "ppl_all": None if m == "recompute" else ppl(self.nll[m]),
                 **settings[m],
                 "seconds": round(self.seconds[m], 1),
             }
             for m in METHODS
-            if m in self.nll
         }
-        base = methods["recompute"]["ppl"]
+        base = subset_ppl["recompute"]
         return {
             "cache_size": self.size,
             "scored_positions": len(self.positions),
             "methods": methods,
-            "ratio_to_recompute": {m: round(v["ppl"] / base, 4) for m, v in methods.items()},
+            "ratio_to_recompute": {m: round(v / base, 4) for m, v in subset_ppl.items()},
             "token_by_token_check": self.check,
         }
 
