@@ -96,3 +96,41 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.fixture
+def engine_process(data: DataDir) -> Iterator[subprocess.Popen[bytes]]:
+    """The real engine with the default model, serving ``data`` (see ``wait_for_engine``)."""
+    with (data.root / "engine.stderr").open("ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine", "serve", "--data-dir", str(data.root)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def wait_for_engine(data: DataDir, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Return once the engine answers ``stats``; fail with its stderr if it died."""
+    import anyio
+
+    from engine.client import Client, EngineUnavailable
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (data.root / "engine.stderr").read_text()[-2000:]
+        try:
+            async with Client.connect("operator", data.root, timeout=2) as llm:
+                await llm.stats()
+                return
+        except EngineUnavailable:
+            await anyio.sleep(0.5)
+    raise TimeoutError("the engine did not answer stats")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -24,7 +23,7 @@ from engine.sampling import SamplingParams
 from runtime import messages as m
 from runtime.paths import DataDir
 from tests.agents.test_agent_runtime import controller, states_of
-from tests.conftest import BrokerProcess
+from tests.conftest import BrokerProcess, wait_for_engine
 
 # -- the reply and the prompt ------------------------------------------------------------
 
@@ -330,34 +329,6 @@ async def test_cancelling_the_task_kills_its_program(
 
 
 # -- the real model ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def engine_process(data: DataDir) -> Iterator[subprocess.Popen[bytes]]:
-    """The real engine with the default model, serving ``data``."""
-    with (data.root / "engine.stderr").open("ab") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "engine", "serve", "--data-dir", str(data.root)],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    yield proc
-    stop(proc)
-
-
-async def wait_for_engine(data: DataDir, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    from engine.client import Client
-
-    deadline = time.monotonic() + timeout
-    async with Client.connect("coder", data.root, timeout=5) as llm:
-        while True:
-            assert proc.poll() is None, (data.root / "engine.stderr").read_text()[-2000:]
-            try:
-                await llm.stats()
-                return
-            except EngineUnavailable:
-                if time.monotonic() > deadline:
-                    raise
 
 
 @pytest.mark.slow

@@ -4,14 +4,11 @@ agent as a real process: without the engine (extractive) and, slow, with it."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
 import numpy as np
 import pytest
 
@@ -30,11 +27,10 @@ from agents.rag import (
     trim,
 )
 from agents.search import SearchIndex
-from engine.client import Client, EngineUnavailable
 from runtime import messages as m
 from runtime.paths import DataDir
 from tests.agents.test_search import agent_process, run_task, write_notes
-from tests.conftest import BrokerProcess
+from tests.conftest import BrokerProcess, wait_for_engine
 
 NOTES = {
     "kettle.md": (
@@ -250,45 +246,12 @@ async def test_the_agent_process_answers_a_task_with_passages_and_sources(
     assert [p["source"] for p in result.data["passages"]] == result.sources
 
 
-@pytest.fixture
-def engine(data: DataDir) -> Iterator[subprocess.Popen[bytes]]:
-    """The real engine with the default model; up once it answers ``stats``."""
-    with (data.root / "engine.stderr").open("ab") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "engine", "serve", "--data-dir", str(data.root)],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-async def wait_for_engine(data: DataDir, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (data.root / "engine.stderr").read_text()[-2000:]
-        try:
-            async with Client.connect("rag", data.root, timeout=2) as llm:
-                await llm.stats()
-                return
-        except EngineUnavailable:
-            await anyio.sleep(0.5)
-    raise TimeoutError("the engine did not answer stats")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # the engine and the agent load models; 200 tokens on a busy CPU
 async def test_with_the_engine_the_answer_cites_its_numbered_sources(
-    data: DataDir, broker: BrokerProcess, notes: Path, engine: subprocess.Popen[bytes]
+    data: DataDir, broker: BrokerProcess, notes: Path, engine_process: subprocess.Popen[bytes]
 ) -> None:
-    await wait_for_engine(data, engine, 120)
+    await wait_for_engine(data, engine_process, 120)
     with agent_process(data, "rag", "agents.rag:RagAgent", notes):
         seen = await run_task(
             data, "rag", "How long does the Zorblax kettle take to boil?", 450, deadline_s=440
