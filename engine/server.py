@@ -173,6 +173,7 @@ class EngineServer:
         self.prefills: collections.deque[Job] = collections.deque()
         self.streams: list[Job] = []
         self.forward_calls = 0
+        self.decode_batches: collections.deque[int] = collections.deque(maxlen=1024)  # sizes
         self.tokens_generated = 0
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self._ctx: zmq.Context[Any] = zmq.Context()
@@ -466,6 +467,7 @@ class EngineServer:
             tokens = [token for _, token in feeding]
             logits = self.model.decode(tokens, [job.session.cache for job, _ in feeding])  # [B, V]
             self.forward_calls += 1
+            self.decode_batches.append(len(feeding))
             for (job, _), row in zip(feeding, logits, strict=True):
                 job.session.logits = row
 
