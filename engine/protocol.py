@@ -114,6 +114,7 @@ class StatsReply(Reply, frozen=True, kw_only=True):
     cache_fill: float
     resident_mb: float
     forward_calls: int
+    tokenizer: str = ""  # a local folder holding the model's tokenizer.json, if there is one
 
 
 AnyReply = Done | Chunk | Failed | StatsReply

@@ -541,4 +541,5 @@ class EngineServer:
             cache_fill=round(fill, 4),
             resident_mb=round(self._proc.memory_info().rss / 2**20, 1),
             forward_calls=self.forward_calls,
+            tokenizer=str(getattr(self.tokenizer, "name_or_path", "") or ""),
         )

@@ -1,4 +1,6 @@
-"""``python -m orchestrator controller|narrator``: the two orchestrating processes."""
+"""``python -m orchestrator controller|narrator``: the two orchestrating processes;
+``python -m orchestrator summarize [--conversation C]``: bring rolling summaries up to date
+by hand (with the engine when one runs, extractive otherwise)."""
 
 from __future__ import annotations
 
@@ -47,9 +49,39 @@ async def serve(role: str, data: DataDir) -> None:
             tg.cancel_scope.cancel()
 
 
+async def summarize_now(data: DataDir, conversations: list[str]) -> None:
+    from .log import summarize
+    from .tokens import TokenCounter
+
+    async with AsyncExitStack() as stack:
+        engine: Client | None = None
+        try:
+            endpoint = data.read_endpoints().engine
+        except FileNotFoundError:
+            endpoint = None
+        if endpoint is not None:
+            engine = await stack.enter_async_context(
+                Client("operator", endpoint, data.keys, timeout=30)
+            )
+            try:
+                await engine.stats()
+            except ChorusError as exc:
+                print(f"engine not answering ({exc}): extractive summaries", file=sys.stderr)
+                engine = None
+        count = await TokenCounter.from_engine(engine)
+        for conversation in conversations or summarize.conversations(data.logs):
+            done = await summarize.update(data, conversation, engine, count)
+            md, _ = summarize.paths(data, conversation)
+            state = f"{done.method}, {done.turns} turns" if done else "already up to date"
+            print(f"{conversation}: {state} -> {md}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator")
-    parser.add_argument("role", choices=["controller", "narrator"])
+    parser.add_argument("role", choices=["controller", "narrator", "summarize"])
+    parser.add_argument(
+        "--conversation", action="append", default=[], help="summarize: only these (repeatable)"
+    )
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--log-json", action="store_true")
@@ -62,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         console=False if args.log_json else None,
     )
     try:
+        if args.role == "summarize":
+            anyio.run(summarize_now, data, args.conversation)
+            return 0
         data.wait_for_endpoints()
         anyio.run(serve, args.role, data)
     except ChorusError as exc:

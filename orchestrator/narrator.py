@@ -15,10 +15,15 @@ the whole conversation and, with the StreamingLLM cache, never runs out of conte
 
 A cue with ``preempt`` cancels the utterance in progress (its stream ends with an
 ``interrupted`` chunk) and the engine request with it.
+
+After a turn closes, the narrator brings the conversation's rolling summary up to date
+(``orchestrator/log/summarize.py``); a session reopened after eviction starts from it.
+Prompt material is fitted to token budgets counted with the engine's tokenizer.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -34,7 +39,10 @@ from runtime.bus import Bus
 from runtime.paths import DataDir
 
 from . import prompts
+from .budget import Section, fit
+from .log import summarize
 from .process import heartbeat_loop
+from .tokens import TokenCounter
 
 log = structlog.get_logger("narrator")
 
@@ -44,6 +52,10 @@ DecisionAction = Literal["spoken", "finished"]
 SPEAK = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=96, seed=0, stop=["\n\n"])
 # progress is one short paragraph: the user wants to know it is moving, not a story
 PROGRESS = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=48, seed=0, stop=["\n\n"])
+SUMMARY_DELAY_S = 1.0  # the broker's log writer flushes every 0.2 s: let the turn land first
+SUMMARY_TOKENS = 300  # of the rolling summary in a reopened session's system prompt
+NOTES_TOKENS = 400  # of agent notes in one progress or result cue
+COUNTER_RETRY_S = 60.0  # how long an estimating counter is kept before asking the engine again
 
 
 @dataclass
@@ -74,6 +86,10 @@ class Narrator:
         self.params = params
         self.conversations: dict[str, _Conversation] = {}
         self._tg: anyio.abc.TaskGroup | None = None
+        self._counter: TokenCounter | None = None
+        self._counter_at = 0.0
+        self._summarizing: set[str] = set()
+        self._resummarize: set[str] = set()
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -171,6 +187,8 @@ class Narrator:
                 await say("", final=True, sources=cue.sources, end=finish, closes_turn=closes)
                 await self._decide(conversation, "finished", finish, envelope.id, cue.tasks)
                 c.current = None
+                if closes:
+                    self._schedule_summary(conversation)
 
     async def _decide(
         self, conversation: str, action: DecisionAction, reason: str, cue_id: str, tasks: list[str]
@@ -198,7 +216,12 @@ class Narrator:
         if cue.kind == "answer":
             material = cue.user_text
         else:
+            count = await self._count()
             notes = "; ".join(cue.cover) or "still working"
+            budget = NOTES_TOKENS - count(prompts.template("narrator_cue"))
+            notes = fit([Section("cover", notes, min_tokens=20, keep_end=False)], budget, count)[
+                "cover"
+            ]
             material = prompts.render(
                 "narrator_cue", user_text="", kind=cue.kind, cover=notes
             ).strip()
@@ -221,7 +244,7 @@ class Narrator:
             try:
                 if not c.opened:
                     await self.engine.open(
-                        conversation, system_prompt=self._system_prompt(conversation)
+                        conversation, system_prompt=await self._system_prompt(conversation)
                     )
                     c.opened = True
                 await self.engine.append(
@@ -237,12 +260,52 @@ class Narrator:
                 if attempt == 2:
                     raise
 
-    def _system_prompt(self, conversation: str) -> str:
-        summary_file = self.data.summaries / f"{conversation}.md"
-        summary = ""
-        if summary_file.exists():
-            summary = (
-                "What happened earlier in this conversation: "
-                + summary_file.read_text(encoding="utf-8")[-2000:]
-            )
+    async def _system_prompt(self, conversation: str) -> str:
+        summary = summarize.summary_text(self.data, conversation)
+        if summary:
+            count = await self._count()
+            summary = fit([Section("summary", summary, min_tokens=30)], SUMMARY_TOKENS, count)[
+                "summary"
+            ]
+            summary = "What happened earlier in this conversation: " + summary
         return prompts.render("narrator", summary=summary).strip()
+
+    async def _count(self) -> TokenCounter:
+        """The engine's tokenizer once it has said where it is; an estimate until then."""
+        now = time.monotonic()
+        if self._counter is None or (
+            not self._counter.exact and now - self._counter_at > COUNTER_RETRY_S
+        ):
+            self._counter_at = now
+            with anyio.move_on_after(5):
+                self._counter = await TokenCounter.from_engine(self.engine)
+        return self._counter or TokenCounter()
+
+    # -- summaries ---------------------------------------------------------------------------
+
+    def _schedule_summary(self, conversation: str) -> None:
+        if conversation in self._summarizing:
+            self._resummarize.add(conversation)  # the running update goes round once more
+            return
+        assert self._tg is not None
+        self._summarizing.add(conversation)
+        self._tg.start_soon(self._summarize, conversation)
+
+    async def _summarize(self, conversation: str) -> None:
+        try:
+            while True:
+                self._resummarize.discard(conversation)
+                await anyio.sleep(SUMMARY_DELAY_S)
+                try:
+                    done = await summarize.update(
+                        self.data, conversation, self.engine, await self._count()
+                    )
+                except OSError as exc:  # the summary is derived data: the log keeps everything
+                    log.warning("summary_not_written", conversation=conversation, error=str(exc))
+                else:
+                    if done is not None:
+                        log.info("summary_updated", conversation=conversation, method=done.method)
+                if conversation not in self._resummarize:
+                    return
+        finally:
+            self._summarizing.discard(conversation)

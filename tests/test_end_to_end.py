@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from orchestrator.log import summarize
 from runtime import messages as m
 from runtime.bus import Subscription
 from runtime.embed import Runtime
@@ -76,6 +77,15 @@ async def test_documentation_question_and_computation_reach_their_agents(tmp_pat
         # the sandbox's real stdout is attached by code; the retry path may fail honestly
         said = text_of(code)
         assert "Output:" in said or "couldn't finish" in said, said
+
+        # after each closed turn the narrator brings the rolling summary up to date
+        for _ in range(240):
+            done = summarize.read_sidecar(data, "doc")
+            if done.last_id is not None:
+                break
+            await anyio.sleep(0.5)
+        assert done.method == "engine" and done.turns >= 2, done
+        assert (data.summaries / "doc.md").is_file()
 
 
 async def test_a_new_turn_interrupts_the_narrator(tmp_path: Path) -> None:
