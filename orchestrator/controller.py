@@ -30,6 +30,8 @@ log = structlog.get_logger("controller")
 
 TICK_S = 0.2
 MISSED_HEARTBEATS_S = 5.0
+NOTICE_ACTIVE_S = 900.0  # conversations with a user turn this recent hear of system faults
+NOTICE_EVERY_S = 300.0  # at most one notice of a kind per conversation in this long
 # per task kind: how many attempts, and the deadline of each
 ATTEMPTS = {"coder": 2, "search": 2, "rag": 2}
 # generous: on a busy 2-core CPU a 200-token answer from the rag agent takes minutes
@@ -66,6 +68,9 @@ class Controller:
         self.tasks: dict[str, TrackedTask] = {}
         self.last_seen: dict[str, float] = {}
         self.engine_ok = engine is not None
+        self.active: dict[str, float] = {}  # conversation -> its last user turn (monotonic)
+        self._told: dict[tuple[str, str], float] = {}  # (conversation, playbook) -> when
+        self._storage_fault: tuple[str, float] | None = None  # the last one: reason, when
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -77,6 +82,7 @@ class Controller:
                 ("heartbeat.", self._on_heartbeat),
                 ("narrator.decision", self._on_decision),
                 ("sys.", self._on_sys),
+                ("event.", self._on_event),
             ):
                 tg.start_soon(self._consume, prefix, handler)
 
@@ -103,6 +109,7 @@ class Controller:
         if not isinstance(envelope.body, m.UserTurn):
             return
         conversation = envelope.conversation or envelope.id
+        self.active[conversation] = time.monotonic()
         text = envelope.body.text
         route = self._available(await self._route(text))
         log.info("routed", conversation=conversation, agents=route.agents, method=route.method)
@@ -122,6 +129,10 @@ class Controller:
                 for o in outs
             ]
         await self._emit(outs)
+        if self._storage_fault is not None:  # a writer failed lately: tell newcomers too
+            reason, at = self._storage_fault
+            if time.monotonic() - at < NOTICE_EVERY_S:
+                await self._tell(conversation, "storage_failed", reason)
 
     def _available(self, route: Route) -> Route:
         """Only agents that are alive (a heartbeat in the last few seconds) get tasks;
@@ -163,8 +174,10 @@ class Controller:
             else:
                 self.graph.transition(task_id, "queued", error="retrying")
             self.graph.transition(task_id, "assigned", agent=agent)
-        except (TaskGraphError, OSError) as exc:  # the graph is a record; work goes on without it
+        except TaskGraphError as exc:  # the graph is a record; work goes on without it
             log.error("task_graph_write_failed", task=task_id, error=str(exc))
+        except OSError as exc:
+            await self._storage_failed(f"the task graph could not be written: {exc}")
         self.tasks[task_id] = TrackedTask(task_id, conversation, agent, text, attempt)
         self.gate.task_started(conversation, task_id)
         assign = m.TaskAssign(
@@ -191,7 +204,7 @@ class Controller:
         self.last_seen[task.agent] = time.monotonic()
         match body.state:
             case "accepted":
-                self._record(task.id, "running")
+                await self._record(task.id, "running")
             case "progress":
                 await self._emit(
                     self.gate.task_event(
@@ -201,7 +214,7 @@ class Controller:
                 )
             case "result":
                 task.done = True
-                self._record(task.id, "succeeded", result=body.message[:500])
+                await self._record(task.id, "succeeded", result=body.message[:500])
                 text = _result_text(task.agent, body)
                 event = TaskEvent(
                     task.id,
@@ -219,7 +232,7 @@ class Controller:
         task.done = True
         if task.attempt < ATTEMPTS.get(task.agent, 1):
             log.info("task_retry", task=task.id, reason=reason)
-            self._record(task.id, "failed", error=reason)
+            await self._record(task.id, "failed", error=reason)
             if playbook:
                 event = TaskEvent(
                     task.id,
@@ -231,17 +244,46 @@ class Controller:
                 await self._emit(self.gate.task_event(task.conversation, event))
             await self._assign(task.conversation, task.agent, task.text, task.attempt + 1, task.id)
             return
-        self._record(task.id, "failed", error=reason)
+        await self._record(task.id, "failed", error=reason)
         event = TaskEvent(
             task.id, "failed", reason, time.monotonic(), playbook=playbook or "task_failed"
         )
         await self._emit(self.gate.task_event(task.conversation, event))
 
-    def _record(self, task_id: str, state: str, **details: str) -> None:
+    async def _record(self, task_id: str, state: str, **details: str) -> None:
         try:
             self.graph.transition(task_id, state, **details)  # type: ignore[arg-type]
-        except (TaskGraphError, OSError) as exc:
+        except TaskGraphError as exc:
             log.warning("task_graph_transition_failed", task=task_id, to=state, error=str(exc))
+        except OSError as exc:
+            await self._storage_failed(f"the task graph could not be written: {exc}")
+
+    # -- system faults -----------------------------------------------------------------------
+
+    async def _on_event(self, envelope: m.Envelope) -> None:
+        body = envelope.body
+        if isinstance(body, m.Fault) and body.kind == "storage_error":
+            await self._storage_failed(body.message, reported_by=envelope.sender)
+
+    async def _storage_failed(self, reason: str, reported_by: str = "") -> None:
+        """Work goes on from memory; recent conversations are told their record may
+        be incomplete (once per conversation per ``NOTICE_EVERY_S``)."""
+        log.error("storage_failed", reason=reason, reported_by=reported_by or "controller")
+        if not reported_by:  # the controller's own write: report it like any writer
+            fault = m.Fault(kind="storage_error", message=reason)
+            await self.bus.publish("event.controller", fault)
+        now = time.monotonic()
+        self._storage_fault = (reason, now)
+        for conversation, last in list(self.active.items()):
+            if now - last < NOTICE_ACTIVE_S:
+                await self._tell(conversation, "storage_failed", reason)
+
+    async def _tell(self, conversation: str, playbook: str, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._told.get((conversation, playbook), -1e9) < NOTICE_EVERY_S:
+            return
+        self._told[(conversation, playbook)] = now
+        await self._emit(self.gate.notice(conversation, playbook, reason))
 
     async def _on_heartbeat(self, envelope: m.Envelope) -> None:
         self.last_seen[envelope.sender] = time.monotonic()

@@ -80,6 +80,7 @@ class _Conversation:
     idle_fired: bool = False
     held: set[str] = field(default_factory=set)  # tasks whose hold was already recorded
     turn: str = ""  # the latest user turn
+    notices: list[tuple[str, str]] = field(default_factory=list)  # (playbook, reason) to say
 
 
 PRIORITY = {"answer": 3, "ack": 1, "progress": 1, "result": 2, "playbook": 2}
@@ -157,6 +158,12 @@ class Gate:
         c.pending.append(event)
         return self.tick()
 
+    def notice(self, conversation: str, playbook: str, reason: str) -> list[Out]:
+        """A playbook line about the system, not a task (storage failing, input
+        rejected): said as soon as nothing else is being said."""
+        self._conv(conversation).notices.append((playbook, reason))
+        return self.tick()
+
     def task_started(self, conversation: str, task: str) -> None:
         self._conv(conversation).running.add(task)
 
@@ -195,6 +202,18 @@ class Gate:
                     )
                 ]
             return []
+        if c.notices:
+            playbook, reason = c.notices.pop(0)
+            cue = m.Cue(
+                speak_now=True,
+                priority=PRIORITY["playbook"],
+                reason=f"playbook {playbook}",
+                kind="playbook",
+                cover=[f"{playbook}: notice: {reason}"],
+                playbook=playbook,
+                turn=c.turn,
+            )
+            return [Out(conversation, cue)]
         if c.pending and now - min(e.at for e in c.pending) >= self.config.coalesce_s:
             results = [e for e in c.pending if e.kind != "progress"]
             if results:

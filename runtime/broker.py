@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -102,7 +103,10 @@ class Broker:
         self._stop_lock = threading.Lock()
         self._ipc_files: list[Path] = []
         self._acl_cache: dict[tuple[str, str, type[m.Body]], tuple[str, str] | None] = {}
-        self._writer = LogWriter(data.logs)
+        # a storage error in the log writer's threads becomes a Fault on event.broker,
+        # published by the forwarding loop (sockets belong to one thread)
+        self._faults: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._writer = LogWriter(data.logs, on_fault=self._on_storage_fault)
         self.endpoints: Endpoints | None = None
 
     def _endpoints_for(self) -> tuple[str, str]:
@@ -124,7 +128,7 @@ class Broker:
         self._auth.start()
         xsub = self._ctx.socket(zmq.XSUB)
         xpub = self._ctx.socket(zmq.XPUB)
-        stop = self._ctx.socket(zmq.PAIR)
+        stop = self._ctx.socket(zmq.PULL)  # wake-ups: stop, or a storage fault to report
         pub_ep, sub_ep = self._endpoints_for()
         try:
             for sock in (xsub, xpub):
@@ -161,11 +165,18 @@ class Broker:
 
     def stop(self) -> None:
         """Ask the forwarding loop to end (thread-safe)."""
+        self._wake(b"stop")
+
+    def _on_storage_fault(self, message: str) -> None:
+        self._faults.put(message)
+        self._wake(b"fault")
+
+    def _wake(self, why: bytes) -> None:
         with self._stop_lock:
-            sock = self._ctx.socket(zmq.PAIR)
+            sock = self._ctx.socket(zmq.PUSH)
             try:
                 sock.connect(self._stop_endpoint)
-                sock.send(b"stop")
+                sock.send(why)
             finally:
                 sock.close(linger=1000)
 
@@ -183,7 +194,11 @@ class Broker:
         while True:
             ready = dict(poller.poll())
             if stop in ready:
-                return
+                if stop.recv() == b"stop":
+                    return
+                while not self._faults.empty():
+                    fault = m.Fault(kind="storage_error", message=self._faults.get())
+                    self._report(xpub, "event.broker", fault)
             if xpub in ready:
                 self._drain_subscriptions(xpub)
             if xsub in ready:
@@ -216,6 +231,11 @@ class Broker:
             if acl.may_read(identity, prefix):
                 xpub.setsockopt(zmq.SUBSCRIBE, data[1:])
                 self.stats.subscriptions += 1
+                failing = self._writer.failing
+                if failing and "event.broker".startswith(prefix):
+                    # a process that starts while the log cannot be written hears so too
+                    fault = m.Fault(kind="storage_error", message=failing)
+                    self._report(xpub, "event.broker", fault)
             else:
                 self._violate(xpub, identity, prefix, f"{identity} may not subscribe to {prefix!r}")
 

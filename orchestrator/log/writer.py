@@ -204,6 +204,11 @@ class LogWriter:
         self._thread.start()
         self._maintainer.start()
 
+    @property
+    def failing(self) -> str | None:
+        """The storage error that the last write met, while writes keep failing."""
+        return self.last_error if self._failing else None
+
     def append(self, envelope: Envelope) -> None:
         """Queue one envelope; never blocks and never raises."""
         self._queue.put(envelope)

@@ -3,10 +3,12 @@ a turn becomes tasks, results become a cue, and only the narrator speaks."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import anyio
 
+from orchestrator.log.layout import hour_file_name
 from orchestrator.task_graph import TaskGraph
 from runtime import messages as m
 from runtime.embed import Runtime
@@ -92,3 +94,34 @@ async def test_small_talk_needs_no_task(tmp_path: Path) -> None:
             async for env in assigned:
                 raise AssertionError(f"small talk made a task: {env.topic}")
     assert TaskGraph.at(data.root).nodes() == []
+
+
+async def test_a_full_disk_is_reported_the_user_is_told_and_serving_goes_on(
+    tmp_path: Path,
+) -> None:
+    data = DataDir(tmp_path / "data")
+    data.logs.mkdir(parents=True)
+    now = time.time()
+    for ts in (now, now + 3600):  # this hour's log file and the next one are full disks
+        (data.logs / hour_file_name(ts)).symlink_to("/dev/full")
+    async with Runtime(data.root, agents=ECHOES, engine=False) as rt:
+        with anyio.fail_after(60):
+            for name in ("controller", "narrator"):
+                with rt.subscribe(f"heartbeat.{name}") as beats:
+                    await anext(beats)
+        # the broker's writer fails on its first flush; every conversation that starts
+        # is answered, then told that its record may be incomplete
+        for conversation in ("c1", "c2"):
+            with rt.subscribe("user.out") as out:
+                with anyio.fail_after(30):
+                    said = [c.delta async for c in rt.chat("hello", conversation=conversation)]
+                # answered (no engine here: with its playbook line) ...
+                assert any("language model is restarting" in s for s in said), said
+                # ... and the storage notice follows on the same conversation
+                with anyio.fail_after(10):
+                    async for env in out:
+                        body = env.body
+                        if isinstance(body, m.Chunk) and body.notice and "storage" in body.delta:
+                            assert env.conversation == conversation and env.sender == "narrator"
+                            assert "No space left on device" in body.delta, body.delta
+                            break

@@ -146,3 +146,19 @@ def test_failure_cue_names_the_playbook() -> None:
     clock.advance(0.5)
     [cue] = cues(gate.tick())
     assert cue.playbook == "task_failed"
+
+
+def test_a_system_notice_waits_for_the_current_utterance_then_is_said_once() -> None:
+    gate, clock = setup()
+    gate.user_turn(C, "hello", tasks=[], turn="turn-1")
+    gate.utterance_started(C, "cue-1", "answer")
+    assert cues(gate.notice(C, "storage_failed", "disk full")) == []  # not over the answer
+    said = cues(gate.utterance_finished(C, "cue-1"))
+    assert len(said) == 1 and said[0].kind == "playbook"
+    assert said[0].playbook == "storage_failed" and said[0].turn == "turn-1"
+    assert (
+        said[0].cover[-1].split(": ", 2)[-1] == "disk full"
+    )  # the reason, as the narrator reads it
+    assert not said[0].closes_turn
+    clock.advance(1)
+    assert cues(gate.tick()) == []

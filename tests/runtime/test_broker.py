@@ -12,6 +12,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from orchestrator.log.layout import hour_file_name
 from runtime import messages as m
 from runtime.broker import check_bind
 from runtime.bus import Bus, Subscription
@@ -301,3 +302,36 @@ async def test_accepted_envelopes_reach_the_log_and_shutdown_is_clean(
     assert broker.stop() == 0
     assert not data.endpoints_file.exists()
     assert not list(data.socket_dir().glob("*.sock"))
+
+
+async def test_a_log_that_cannot_be_written_is_reported_as_a_storage_fault(data: DataDir) -> None:
+    data.logs.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for ts in (now, now + 3600):  # this hour's file and the next are full disks
+        (data.logs / hour_file_name(ts)).symlink_to("/dev/full")
+    b = BrokerProcess(data)
+    endpoints = b.start()
+    try:
+        async with (
+            Bus("monitor", endpoints, data.keys) as monitor,
+            Bus("operator", endpoints, data.keys) as operator,
+        ):
+            with monitor.subscribe("event.broker") as faults:
+                await settle()
+                await operator.publish("sys.config", m.ConfigChange(key="idle_s", value="5"))
+                env = await next_matching(faults, lambda e: isinstance(e.body, m.Fault))
+            assert env.sender == "broker" and isinstance(env.body, m.Fault)
+            assert env.body.kind == "storage_error"
+            assert "No space left on device" in env.body.message
+            # a subscriber that arrives while the log still fails hears it at once
+            async with Bus("controller", endpoints, data.keys) as late:
+                with late.subscribe("event.") as again:
+                    env = await next_matching(again, lambda e: isinstance(e.body, m.Fault))
+            assert isinstance(env.body, m.Fault) and env.body.kind == "storage_error"
+            # and the broker goes on forwarding
+            with monitor.subscribe("sys.config") as configs:
+                await settle()
+                await operator.publish("sys.config", m.ConfigChange(key="idle_s", value="6"))
+                await next_matching(configs, lambda e: e.topic == "sys.config")
+    finally:
+        assert b.stop() == 0
