@@ -148,6 +148,7 @@ class Broker:
                 sub=sub_ep,
                 engine=self.engine_endpoint,
                 broker_public_key=load_public(self.data.keys, "broker").decode(),
+                max_bytes=self.max_bytes,
             )
             write_atomic(self.data.endpoints_file, msgspec.json.encode(self.endpoints))
             log.info("broker_ready", pub=pub_ep, sub=sub_ep)
@@ -262,9 +263,8 @@ class Broker:
             self._reject(xpub, identity, topic, f"payload does not decode as an Envelope: {exc}")
             return
         if envelope.topic != topic:
-            self._reject(
-                xpub, identity, topic, f"envelope topic {envelope.topic!r} differs from frame topic"
-            )
+            why = f"envelope topic {envelope.topic!r} differs from frame topic"
+            self._reject(xpub, identity, topic, why, envelope.id)
             return
         if envelope.sender != identity:
             self._violate(
@@ -280,7 +280,7 @@ class Broker:
             if kind == "violation":
                 self._violate(xpub, identity, topic, reason)
             else:
-                self._reject(xpub, identity, topic, reason)
+                self._reject(xpub, identity, topic, reason, envelope.id)
             return
         xpub.send(frames[0], _SNDMORE, copy=False)
         xpub.send(frames[1], 0, copy=False)
@@ -300,10 +300,18 @@ class Broker:
             )
         return self._acl_cache[key]
 
-    def _reject(self, xpub: zmq.Socket[Any], sender: str, topic: str, reason: str) -> None:
+    def _reject(
+        self,
+        xpub: zmq.Socket[Any],
+        sender: str,
+        topic: str,
+        reason: str,
+        envelope_id: str | None = None,
+    ) -> None:
         self.stats.rejected += 1
         log.warning("message_rejected", sender=sender, topic=topic, reason=reason)
-        self._report(xpub, "sys.rejected", m.Rejected(sender=sender, topic=topic, reason=reason))
+        body = m.Rejected(sender=sender, topic=topic, reason=reason, id=envelope_id)
+        self._report(xpub, "sys.rejected", body)
 
     def _violate(self, xpub: zmq.Socket[Any], identity: str, topic: str, reason: str) -> None:
         self.stats.violations += 1

@@ -31,7 +31,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from . import acl
 from . import messages as m
-from .errors import BusClosed
+from .errors import BusClosed, MessageRejected
 from .keys import curve_client
 from .paths import Endpoints
 
@@ -49,6 +49,7 @@ class _Pending:
     next_at: float
     delay: float
     done: anyio.Event = field(default_factory=anyio.Event)
+    rejected: str = ""  # why the broker refused it, if it did
 
 
 class Subscription:
@@ -121,6 +122,7 @@ class Bus:
         self._subs: list[Subscription] = []
         self._prefix_count: collections.Counter[str] = collections.Counter()
         self._pending: dict[str, _Pending] = {}
+        self._rejected: collections.OrderedDict[str, _Pending] = collections.OrderedDict()
         self._wake = anyio.Event()
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._tg: TaskGroup | None = None
@@ -144,6 +146,10 @@ class Bus:
         own_acks = acl.ack_topic(self.identity)
         sub.setsockopt(zmq.SUBSCRIBE, own_acks.encode())
         self._prefix_count[own_acks] += 1
+        if self.identity != "monitor" and acl.may_read(self.identity, "sys.rejected"):
+            # so a refused reliable message stops being re-sent
+            sub.setsockopt(zmq.SUBSCRIBE, b"sys.rejected")
+            self._prefix_count["sys.rejected"] += 1
         pub.connect(self.endpoints.pub)
         sub.connect(self.endpoints.sub)
         self._pub, self._sub = pub, sub
@@ -218,6 +224,11 @@ class Bus:
         if self._closed or self._pub is None:
             raise BusClosed(f"the bus of {self.identity} is closed; open a new Bus")
         frames = [envelope.topic.encode(), m.encode(envelope)]
+        if len(frames[1]) > self.endpoints.max_bytes:
+            raise MessageRejected(
+                f"{envelope.topic} message of {len(frames[1])} bytes exceeds the broker's "
+                f"{self.endpoints.max_bytes}-byte limit; nothing was sent"
+            )
         receiver = acl.receiver_of(envelope.topic)
         if receiver is not None:
             self._pending[envelope.id] = _Pending(
@@ -227,11 +238,14 @@ class Bus:
         await self._pub.send_multipart(frames)
 
     async def delivered(self, envelope_id: str) -> None:
-        """Wait until a reliable message was acknowledged (returns at once if it was).
-        Bound the wait with ``anyio.fail_after``."""
-        pending = self._pending.get(envelope_id)
+        """Wait until a reliable message was acknowledged (returns at once if it was);
+        raises :class:`MessageRejected` if the broker refused it instead. Bound the wait
+        with ``anyio.fail_after``."""
+        pending = self._pending.get(envelope_id) or self._rejected.get(envelope_id)
         if pending is not None:
             await pending.done.wait()
+            if pending.rejected:
+                raise MessageRejected(pending.rejected)
 
     @property
     def unacknowledged(self) -> int:
@@ -299,6 +313,20 @@ class Bus:
             if pending is not None and envelope.sender == pending.receiver:
                 del self._pending[body.id]
                 pending.done.set()
+        if (
+            isinstance(body, m.Rejected)
+            and envelope.sender == "broker"
+            and body.sender == self.identity
+            and body.id
+        ):
+            pending = self._pending.pop(body.id, None)
+            if pending is not None:
+                log.warning("message_rejected", topic=body.topic, reason=body.reason)
+                pending.rejected = f"the broker refused {body.topic}: {body.reason}"
+                pending.done.set()
+                self._rejected[body.id] = pending
+                if len(self._rejected) > 1000:
+                    self._rejected.popitem(last=False)
         if acl.receiver_of(envelope.topic) != self.identity:
             return True
         await self.publish(acl.ack_topic(envelope.sender), m.Ack(id=envelope.id))

@@ -25,3 +25,7 @@ class BusClosed(ChorusError):
 
 class DeliveryTimeout(ChorusError):
     """A reliable message was not acknowledged in time."""
+
+
+class MessageRejected(ChorusError):
+    """The broker would not (or did not) accept a message; the message says why."""

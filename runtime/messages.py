@@ -169,6 +169,7 @@ class Rejected(Body, frozen=True, kw_only=True):
     sender: str
     topic: str
     reason: str
+    id: str | None = None  # the envelope's id, when it decoded (its sender stops re-sending)
 
 
 class Violation(Body, frozen=True, kw_only=True):

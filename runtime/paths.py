@@ -27,6 +27,7 @@ class Endpoints(msgspec.Struct, frozen=True):
     sub: str  # the broker's XPUB side: subscribers connect here
     engine: str | None
     broker_public_key: str
+    max_bytes: int = 1 << 20  # the broker drops bigger payloads
 
 
 def default_data_dir() -> Path:

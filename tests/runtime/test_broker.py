@@ -241,7 +241,7 @@ def test_endpoints_file_names_everything_a_monitor_needs(
     data: DataDir, broker: BrokerProcess
 ) -> None:
     raw = json.loads(data.endpoints_file.read_text())
-    assert set(raw) == {"pub", "sub", "engine", "broker_public_key"}
+    assert set(raw) == {"pub", "sub", "engine", "broker_public_key", "max_bytes"}
     assert raw["pub"].startswith("ipc://") and raw["sub"].startswith("ipc://")
     assert len(raw["broker_public_key"]) == 40
 

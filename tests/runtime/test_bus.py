@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import anyio
+import pytest
 
 from runtime import messages as m
 from runtime.bus import Bus
+from runtime.errors import MessageRejected
 from runtime.paths import DataDir
 from tests.conftest import BrokerProcess
 
@@ -89,3 +91,34 @@ async def test_broker_restart_loses_no_work_and_everyone_reconnects(
         await coder.publish("task.update", m.TaskUpdate(task="t0", state="accepted"))
         [update] = await receive_n(events, 1)
         assert update.sender == "coder"
+
+
+async def test_a_message_over_the_brokers_limit_is_refused_before_it_is_sent(
+    data: DataDir, broker: BrokerProcess
+) -> None:
+    ep = data.read_endpoints()
+    async with Bus("client", ep, data.keys) as client:
+        with pytest.raises(MessageRejected, match="exceeds the broker's 1048576-byte limit"):
+            await client.publish("user.in", m.UserTurn(text="x" * (2 << 20)))
+        assert client.unacknowledged == 0  # nothing left to re-send
+
+
+async def test_a_reliable_message_the_broker_refuses_is_not_resent(
+    data: DataDir, broker: BrokerProcess
+) -> None:
+    ep = data.read_endpoints()
+    async with Bus("client", ep, data.keys) as client, Bus("monitor", ep, data.keys) as mon:
+        rejected = mon.subscribe("sys.rejected")
+        await anyio.sleep(0.3)
+        wrong = m.Chunk(stream="s", seq=0, delta="not a user turn")
+        sent = await client.publish("user.in", wrong)
+        with anyio.fail_after(5), pytest.raises(MessageRejected, match=r"refused user\.in"):
+            await client.delivered(sent.id)
+        assert client.unacknowledged == 0
+        await anyio.sleep(1.5)  # past several re-send intervals
+        seen = []
+        with anyio.move_on_after(0.5):
+            async for env in rejected:
+                seen.append(env)
+        assert len(seen) == 1 and isinstance(seen[0].body, m.Rejected)
+        assert seen[0].body.id == sent.id
