@@ -5,10 +5,13 @@ import type {
   BusEvent,
   ChatEvent,
   ChunkEvent,
+  DecisionsQuery,
   FinalEvent,
   Health,
   InterruptedEvent,
+  LogsQuery,
   TaskNode,
+  TasksQuery,
 } from "./types.js";
 
 /** How to reach the gateway. */
@@ -42,36 +45,16 @@ export interface EventsOptions {
   signal?: AbortSignal;
 }
 
-/** Filters of `listTasks`. */
-export interface TasksFilter {
-  state?: string;
-  conversation?: string;
-  signal?: AbortSignal;
-}
+/** Filters of `listTasks`: `state` (one or more), `conversation`. */
+export type TasksFilter = TasksQuery & { signal?: AbortSignal };
 
-/** Filters of `listLogs` (the same as `python -m runtime logs`). */
-export interface LogsFilter {
-  since?: string;
-  until?: string;
-  topic?: string;
-  sender?: string;
-  conversation?: string;
-  task?: string;
-  text?: string;
-  limit?: number;
-  order?: "newest" | "oldest";
-  signal?: AbortSignal;
-}
+/** Filters of `listLogs`, as for `python -m runtime logs`: since, until, topic, sender, conversation, task, text, limit, order. */
+export type LogsFilter = LogsQuery & { signal?: AbortSignal };
 
-/** Filters of `listDecisions`. */
-export interface DecisionsFilter {
-  since?: string;
-  conversation?: string;
-  limit?: number;
-  signal?: AbortSignal;
-}
+/** Filters of `listDecisions`: since, conversation, limit. */
+export type DecisionsFilter = DecisionsQuery & { signal?: AbortSignal };
 
-type Query = Record<string, string | number | string[] | undefined>;
+type Query = Record<string, string | number | readonly (string | number)[] | null | undefined>;
 
 /** A client of the Chorus HTTP gateway; works in browsers and Node 20. */
 export class ChorusClient {
@@ -143,6 +126,8 @@ export class ChorusClient {
       resolveConversation(response.headers.get("X-Chorus-Conversation") ?? options.conversation ?? "");
       if (response.body === null) throw new ChorusStreamError("the gateway sent no stream");
       for await (const sse of readSse(response.body)) {
+        // events parsed from one read are not yielded after an abort
+        options.signal?.throwIfAborted();
         const data = parseData(sse.data);
         switch (sse.event) {
           case "chunk":
@@ -177,6 +162,7 @@ export class ChorusClient {
     });
     if (response.body === null) throw new ChorusStreamError("the gateway sent no stream");
     for await (const sse of readSse(response.body)) {
+      options.signal?.throwIfAborted();
       if (sse.event === "error") {
         throw new ChorusStreamError(String((parseData(sse.data) as { error?: unknown }).error));
       }
@@ -187,7 +173,7 @@ export class ChorusClient {
   private url(path: string, query: Query): string {
     const params = new URLSearchParams();
     for (const [key, value] of Object.entries(query)) {
-      if (value === undefined) continue;
+      if (value === undefined || value === null) continue;
       for (const item of [value].flat()) params.append(key, String(item));
     }
     const search = params.toString();

@@ -17,8 +17,10 @@ export type {
   BusEvent,
   ChatEvent,
   ChunkEvent,
+  ErrorEvent,
   FinalEvent,
   Health,
   InterruptedEvent,
   TaskNode,
 } from "./types.js";
+export type { components, operations, paths } from "./schema.js";

@@ -2,7 +2,8 @@
  * Starts a real Chorus instance with its gateway for the gateway tests:
  * `python -m runtime launch --no-engine --serve --port <free>` in a temporary data
  * directory, waits for `/healthz`, hands the tests its URL and token, and stops it
- * with SIGINT at the end (SIGKILL after 30 s).
+ * with SIGINT at the end (SIGKILL after 30 s). It builds the web page first, since the
+ * gateway serves `dist/web` at `/`.
  *
  * With no engine, a chat turn is answered by the narrator's `engine_down` playbook
  * notice: a real narrator stream through the real bus, without a model.
@@ -12,6 +13,7 @@ import { mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync }
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import { build } from "vite";
 import type { TestProject } from "vitest/node";
 
 /** What the gateway tests get from `inject("gateway")`. */
@@ -27,7 +29,8 @@ declare module "vitest" {
   }
 }
 
-const REPO = resolve(import.meta.dirname, "../../../..");
+const PACKAGE = resolve(import.meta.dirname, "../..");
+const REPO = resolve(PACKAGE, "../..");
 const PYTHON = process.env.CHORUS_PYTHON ?? join(REPO, ".venv/bin/python");
 
 function freePort(): Promise<number> {
@@ -53,6 +56,8 @@ function exited(child: ChildProcess, ms: number): Promise<boolean> {
 }
 
 export default async function setup(project: TestProject): Promise<() => Promise<void>> {
+  // the gateway serves dist/web at `/`: build it from the sources under test
+  await build({ configFile: join(PACKAGE, "vite.config.ts"), logLevel: "warn" });
   const root = mkdtempSync(join(tmpdir(), "chorus-ts-"));
   const dataDir = join(root, "data");
   // a tiny corpus keeps the search and rag agents' first indexing quick
