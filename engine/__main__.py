@@ -18,6 +18,7 @@ import structlog
 from runtime import logconfig
 from runtime.errors import ChorusError
 from runtime.keys import ensure_keys
+from runtime.lifeline import die_with_parent
 from runtime.paths import DataDir
 
 log = structlog.get_logger("engine")
@@ -194,6 +195,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    die_with_parent()
     args = build_parser().parse_args(argv)
     data = DataDir.at(args.data_dir)
     logconfig.configure(

@@ -16,6 +16,7 @@ from engine.client import Client
 from runtime import logconfig
 from runtime.bus import Bus
 from runtime.errors import ChorusError
+from runtime.lifeline import die_with_parent
 from runtime.paths import DataDir
 
 from .process import until_signalled
@@ -77,6 +78,7 @@ async def summarize_now(data: DataDir, conversations: list[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    die_with_parent()
     parser = argparse.ArgumentParser(prog="python -m orchestrator")
     parser.add_argument("role", choices=["controller", "narrator", "summarize"])
     parser.add_argument(

@@ -24,6 +24,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from . import lifeline
 from . import messages as m
 from .bus import Bus
 from .paths import DataDir
@@ -208,7 +209,12 @@ class Supervisor:
                 stdin=None,
                 stdout=stderr,
                 stderr=stderr,
-                env={**os.environ, "CHORUS_DATA_DIR": str(self.data.root), **child.spec.env},
+                env={
+                    **os.environ,
+                    "CHORUS_DATA_DIR": str(self.data.root),
+                    lifeline.ENV: str(os.getpid()),  # the child dies with us, even on SIGKILL
+                    **child.spec.env,
+                },
                 start_new_session=True,  # Ctrl-C reaches the supervisor, which stops children in order
             )
         finally:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 
 import runtime.supervisor as supervisor_module
@@ -176,3 +177,27 @@ async def test_launch_with_the_engine_restarts_it_after_a_kill(tmp_path: Path) -
         async with Client.connect("controller", data.root, timeout=120) as llm:
             text = await llm.complete_text("1, 2, 3,", SamplingParams(temperature=0, max_tokens=4))
         assert text.strip()
+
+
+def test_children_end_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    data = DataDir(tmp_path / "data")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime", "launch", "--data-dir", str(data.root), "--no-engine"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        if "Chorus is up" in line or time.monotonic() > deadline:
+            break
+    children = psutil.Process(proc.pid).children()
+    assert {c.name() for c in children} and len(children) >= 6, children  # broker … rag
+    proc.kill()  # SIGKILL: no chance to stop anything in order
+    proc.wait()
+    proc.stdout.close()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    # a child that exited but is not reaped yet (no init to reap it here) counts as gone
+    alive = [c for c in alive if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(c.pid, c.cmdline()) for c in alive]
