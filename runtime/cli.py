@@ -19,6 +19,7 @@ import structlog
 from . import logconfig, schemas
 from . import messages as m
 from .errors import ChorusError, ConfigError, NotRunning
+from .gateway import options as gateway_options
 from .keys import ensure_keys
 from .paths import DataDir, Endpoints
 
@@ -70,7 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="index this folder of text/markdown for search and rag (default: the Python docs)",
     )
+    p.add_argument(
+        "--serve", action="store_true", help="run the HTTP gateway too (options as for `serve`)"
+    )
+    gateway_options.add_arguments(p)
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("serve", help="the HTTP gateway: API and web chat for a running instance")
+    _common(p)
+    gateway_options.add_arguments(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("broker", help="run the broker alone")
     _common(p)
@@ -250,6 +260,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
             engine_args=engine_args,
         )
         supervisor = Supervisor(data, specs, on_ready=ready if not args.ask else None)
+        gateway = None
+        if args.serve:  # in this process, beside the supervisor: one Ctrl-C stops both
+            from .gateway import GatewayServer
+
+            gateway = GatewayServer.from_args(args, data)
+            gateway.listen()  # a taken port fails now, before any child starts
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 started = time.monotonic()
@@ -260,6 +276,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
                         "Watch the bus with `python -m runtime tail`; Ctrl-C stops.",
                         flush=True,
                     )
+                if gateway is not None:
+                    await tg.start(gateway.run)
 
                 async def wait_for_signal() -> None:
                     async for _ in signals:
@@ -270,6 +288,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
                 with anyio.CancelScope() as talk:
                     tg.start_soon(wait_for_signal)
                     await _talk(args, data)
+                if gateway is not None:
+                    await gateway.stop()
                 await supervisor.stop()
                 tg.cancel_scope.cancel()
 
@@ -278,6 +298,26 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if not args.ask:
         print("stopped.", flush=True)
     return exit_code[0]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .gateway import GatewayServer
+
+    data = DataDir.at(args.data_dir)
+    data.ensure()
+    server = GatewayServer.from_args(args, data)
+
+    async def serve() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+                await tg.start(server.run)
+                async for _ in signals:
+                    break
+                await server.stop()
+                tg.cancel_scope.cancel()
+
+    anyio.run(serve)
+    return 0
 
 
 def _endpoints_and_keys(target: Path, keys: Path | None) -> tuple[Endpoints, Path]:

@@ -12,7 +12,7 @@ that is already running and stops nothing.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -75,7 +75,9 @@ class Connection:
         """A bus of your own as ``identity`` (use ``async with``); needs that key."""
         return Bus(identity, self.data.read_endpoints(), self.data.keys)
 
-    async def chat(self, text: str, *, conversation: str | None = None) -> AsyncIterator[m.Chunk]:
+    async def chat(
+        self, text: str, *, conversation: str | None = None
+    ) -> AsyncGenerator[m.Chunk, None]:
         """Send a user turn and yield the narrator's chunks about it (an acknowledgement,
         progress, the answer) until the one that closes the turn."""
         assert self._client is not None

@@ -1,0 +1,92 @@
+"""The gateway's parts that need no server: the token file, the rate limit, the feed's
+prefixes, the models against the Structs they mirror, and the docs against the routes."""
+
+from __future__ import annotations
+
+import re
+import stat
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from orchestrator.task_graph import TaskNode
+from runtime import messages as m
+from runtime.errors import ConfigError
+from runtime.gateway import GatewayConfig, create_app, load_or_create_token
+from runtime.gateway import models as api
+from runtime.gateway.app import is_loopback
+from runtime.gateway.auth import RateLimiter, parse_rate, token_matches
+from runtime.gateway.feeds import feed_prefixes
+from runtime.paths import DataDir
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "http-api.md"
+
+
+def test_the_token_is_made_once_private_and_kept(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    token = load_or_create_token(keys)
+    assert len(token) >= 43  # 32 random bytes, url-safe base64
+    path = keys / "gateway.token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_token(keys) == token
+    path.chmod(0o644)  # a careless copy: the mode is put back
+    assert load_or_create_token(keys) == token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in keys.iterdir()] == ["gateway.token"]  # no temp file left
+    assert token_matches(token, token) and not token_matches(token + "x", token)
+    assert not token_matches(None, token)
+
+
+def test_rates_read_like_people_write_them() -> None:
+    assert parse_rate("60/min") == 60
+    assert parse_rate("2/s") == 120
+    assert parse_rate("600/hour") == 10
+    assert parse_rate("30") == 30
+    assert parse_rate("0") == 0
+    with pytest.raises(ConfigError, match="60/min"):
+        parse_rate("lots")
+
+
+def test_the_rate_limit_allows_a_burst_then_refills_per_token() -> None:
+    now = [0.0]
+    limiter = RateLimiter(per_minute=2, clock=lambda: now[0])
+    assert limiter.wait_s("a") == 0 and limiter.wait_s("a") == 0
+    assert limiter.wait_s("a") == pytest.approx(30.0)
+    assert limiter.wait_s("b") == 0  # each token has its own bucket
+    now[0] += 30
+    assert limiter.wait_s("a") == 0
+    assert RateLimiter(per_minute=0).wait_s("a") == 0  # off
+
+
+def test_feed_prefixes_drop_what_another_prefix_covers() -> None:
+    assert feed_prefixes([]) == ("",)
+    assert feed_prefixes(["task.", "task.update", "sys."]) == ("sys.", "task.")
+    assert feed_prefixes(["heartbeat.rag", "heartbeat.rag"]) == ("heartbeat.rag",)
+
+
+def test_loopback_hosts_are_told_apart() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.7")
+
+
+def test_the_json_models_mirror_the_structs() -> None:
+    assert set(api.TaskNodeOut.model_fields) == set(TaskNode.__struct_fields__)
+    assert set(api.EnvelopeOut.model_fields) == set(m.Envelope.__struct_fields__)
+    node = TaskNode(id="t1", kind="search", created=1.0, updated=2.0)
+    assert api.TaskNodeOut.model_validate_json(msgspec.json.encode(node)).id == "t1"
+
+
+def _documented_routes() -> set[tuple[str, str]]:
+    heading = re.compile(r"^#{2,4} `(GET|POST|PUT|PATCH|DELETE) (/[^`\s]*)`", re.MULTILINE)
+    return {(method, path) for method, path in heading.findall(DOCS.read_text())}
+
+
+def test_every_route_in_the_openapi_schema_is_documented_and_no_other(tmp_path: Path) -> None:
+    app = create_app(GatewayConfig(data=DataDir(tmp_path / "data"), token="t"))
+    schema = app.openapi()
+    routes = {(method.upper(), path) for path, item in schema["paths"].items() for method in item}
+    assert routes == _documented_routes()
+    text = DOCS.read_text()
+    for model in api.SSE_MODELS:  # the event data the stream routes send
+        assert model.__name__ in text, model.__name__
