@@ -121,8 +121,9 @@ async def engine_raw(data_root: Path, prompts: list[str]) -> list[tuple[str, flo
 async def run(turns: int, data_dir: Path) -> dict[str, Any]:
     from engine.weights import converted_dir, default_model_path, load_tokenizer
 
+    # loaded before the runtime starts: its supervisor shares this event loop
+    tokenizer = load_tokenizer(converted_dir(default_model_path()))
     async with Runtime(data_dir, agents={}) as rt:
-        tokenizer = load_tokenizer(converted_dir(default_model_path()))
 
         def tokens(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False).input_ids)

@@ -266,9 +266,19 @@ class Supervisor:
                 child.ready.set()
 
     async def _heartbeat_watch(self) -> None:
+        last_tick = time.monotonic()
         while True:
             await anyio.sleep(HEARTBEAT_S)
             now = time.monotonic()
+            gap, last_tick = now - last_tick, now
+            if gap > 2 * HEARTBEAT_S:
+                # our own event loop was blocked (an app embedding the runtime doing sync
+                # work): the children's heartbeats may be waiting unread, so silence
+                # measured now would be ours, not theirs; count afresh from here
+                log.info("supervisor_stalled", seconds=round(gap, 1))
+                for child in self.children.values():
+                    child.last_heartbeat = max(child.last_heartbeat, now)
+                continue
             for child in self.children.values():
                 if child.spec.ready == "endpoints" or not child.ready.is_set():
                     continue

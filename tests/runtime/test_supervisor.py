@@ -201,3 +201,18 @@ def test_children_end_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     # a child that exited but is not reaped yet (no init to reap it here) counts as gone
     alive = [c for c in alive if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(c.pid, c.cmdline()) for c in alive]
+
+
+async def test_a_blocked_host_loop_is_not_taken_for_silent_children(tmp_path: Path) -> None:
+    data = DataDir(tmp_path / "data")
+    async with Runtime(data.root, agents=ECHO, engine=False, orchestration=False) as rt:
+        first = await next_heartbeat(rt, "coder")
+        restarts = rt.subscribe("sys.restart")
+        # an app embedding the runtime does slow synchronous work on the event loop; the
+        # coder keeps beating meanwhile, but nobody reads its heartbeats
+        time.sleep(3 * supervisor_module.MISSED_HEARTBEATS * supervisor_module.HEARTBEAT_S)  # noqa: ASYNC251
+        await anyio.sleep(3 * supervisor_module.HEARTBEAT_S)
+        assert child_pid(rt, "coder") == first.pid
+        with anyio.move_on_after(0.5):
+            async for env in restarts:
+                raise AssertionError(f"restarted after the host's stall: {env.body}")
