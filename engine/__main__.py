@@ -16,7 +16,7 @@ import anyio
 import structlog
 
 from runtime import logconfig
-from runtime.errors import ChorusError
+from runtime.errors import ChorusError, ConfigError
 from runtime.keys import ensure_keys
 from runtime.lifeline import die_with_parent
 from runtime.paths import DataDir
@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
             default=900.0,
             help="evict sessions idle this long (default 900 s)",
         )
+        p.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="CPU threads for the model's math (default: PyTorch's, one per core)",
+        )
         p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
         p.add_argument(
             "--log-json", action="store_true", help="log JSON lines to data/logs/process/"
@@ -68,8 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    import torch
+
     from engine.weights import load_model
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads needs a positive count, not {args.threads}")
+        torch.set_num_threads(args.threads)
     started = time.monotonic()
     model, tokenizer = load_model(args.model, device=args.device)
     name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
@@ -77,6 +89,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
         "model_loaded",
         model=name,
         device=str(model.device),
+        threads=torch.get_num_threads(),
         seconds=round(time.monotonic() - started, 1),
     )
     return model, tokenizer, name
