@@ -165,7 +165,8 @@ class Observer:
         now = time.time() if now is None else now
         warnings: list[str] = []
         queries = (
-            LogQuery(since=since, topics=("sys.restart", "sys.gave_up")),
+            # the needle lets the reader skip every line that is not a sys.* one unparsed
+            LogQuery(since=since, topics=("sys.restart", "sys.gave_up"), needles=(b'"sys.',)),
             LogQuery(since=now - 2 * SILENT_AFTER_S, topics=("heartbeat.", "engine.stats")),
         )
         for query in queries:

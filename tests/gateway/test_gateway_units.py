@@ -90,3 +90,28 @@ def test_every_route_in_the_openapi_schema_is_documented_and_no_other(tmp_path: 
     text = DOCS.read_text()
     for model in api.SSE_MODELS:  # the event data the stream routes send
         assert model.__name__ in text, model.__name__
+
+
+def test_restarts_and_heartbeats_from_before_the_gateway_came_are_read_from_the_log(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.log.layout import hour_file_name
+    from runtime.gateway.feeds import Observer
+
+    now = 1_736_935_200.0 + 1800  # the middle of an hour
+    envelopes = [
+        m.Envelope(id="r1", topic="sys.restart", sender="supervisor", ts=now - 600, seq=1,
+                   body=m.ProcessEvent(process="rag", restarts=1)),
+        m.Envelope(id="r0", topic="sys.restart", sender="supervisor", ts=now - 1200, seq=2,
+                   body=m.ProcessEvent(process="rag", restarts=1)),  # before this instance
+        m.Envelope(id="h1", topic="heartbeat.rag", sender="rag", ts=now - 1, seq=3,
+                   body=m.Heartbeat(state="busy", task="t1")),
+    ]  # fmt: skip
+    (tmp_path / hour_file_name(now)).write_bytes(
+        b"".join(msgspec.json.encode(e) + b"\n" for e in envelopes)
+    )
+    observer = Observer()
+    observer.seed_from_log(tmp_path, since=now - 900, now=now)
+    [rag] = observer.agent_list(now=now)
+    assert (rag.name, rag.state, rag.task, rag.restarts) == ("rag", "busy", "t1", 1)
+    assert not observer.messages  # history is state, not traffic the gateway saw
