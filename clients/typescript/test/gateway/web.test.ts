@@ -109,14 +109,9 @@ describe("the web chat page", () => {
       await p.goto(`${baseUrl}/login?token=${encodeURIComponent(token)}`);
       expect(p.url()).toBe(`${baseUrl}/`);
       expect(await p.locator("#rail").isHidden()).toBe(true); // closed by default on a phone
-      const hostile = 'Hello from a phone <img src=x onerror="window.hacked=1"> **not bold here**';
-      await ask(p, hostile);
+      await ask(p, "Hello from a phone");
       await p.locator(".turn .notice").filter({ hasText: ENGINE_DOWN }).waitFor();
       await p.locator(".turn.streaming").waitFor({ state: "detached" });
-      // the user's own text is shown as text, never as markup
-      expect(await p.locator(".turn .message.user").textContent()).toBe(hostile);
-      expect(await p.locator(".turn img").count()).toBe(0);
-      expect(await p.evaluate(() => (window as unknown as { hacked?: number }).hacked)).toBeUndefined();
       const width = await p.evaluate(() => document.documentElement.scrollWidth);
       expect(width).toBeLessThanOrEqual(390);
       for (const selector of ["#input", "#send", "#rail-toggle"]) {
@@ -129,6 +124,15 @@ describe("the web chat page", () => {
       await p.locator("#agents li").first().waitFor();
       expect(await p.locator("#rail").isVisible()).toBe(true);
       await p.screenshot({ path: resolve(SHOTS, "phone-rail.png") });
+      await p.click("#rail-toggle");
+      // the user's own text is shown as text, never as markup
+      const hostile = 'A <img src=x onerror="window.hacked=1"> and **stars**';
+      await ask(p, hostile);
+      const turn = p.locator(".turn").nth(1);
+      await turn.locator(".notice").filter({ hasText: ENGINE_DOWN }).waitFor();
+      expect(await turn.locator(".message.user").textContent()).toBe(hostile);
+      expect(await p.locator(".turn img").count()).toBe(0);
+      expect(await p.evaluate(() => (window as unknown as { hacked?: number }).hacked)).toBeUndefined();
     } finally {
       await phone.close();
     }
