@@ -23,7 +23,7 @@ import anyio.abc
 
 from . import messages as m
 from .bus import Bus, Subscription
-from .errors import NotRunning
+from .errors import MessageRejected, NotRunning
 from .instance import InstanceLock
 from .keys import ensure_keys
 from .paths import DataDir
@@ -79,11 +79,30 @@ class Connection:
         self, text: str, *, conversation: str | None = None
     ) -> AsyncGenerator[m.Chunk, None]:
         """Send a user turn and yield the narrator's chunks about it (an acknowledgement,
-        progress, the answer) until the one that closes the turn."""
+        progress, the answer) until the one that closes the turn. A turn the broker would
+        refuse (over its size limit) is never sent: the one chunk is then the
+        ``input_rejected`` playbook line, made here, as a final notice."""
         assert self._client is not None
         conversation = conversation or m.new_id()
         with self._client.subscribe("user.out") as out:
-            turn = await self.publish("user.in", m.UserTurn(text=text), conversation=conversation)
+            try:
+                turn = await self.publish(
+                    "user.in", m.UserTurn(text=text), conversation=conversation
+                )
+            except MessageRejected as exc:
+                from orchestrator.prompts import playbook
+
+                line = playbook("input_rejected", str(exc))
+                yield m.Chunk(
+                    stream=f"local-{m.new_id()}",
+                    seq=0,
+                    delta=line,
+                    final=True,
+                    finish="error",
+                    notice=True,
+                    closes_turn=True,
+                )
+                return
             async for envelope in out:
                 body = envelope.body
                 if not isinstance(body, m.Chunk) or body.turn != turn.id:

@@ -7,6 +7,7 @@ import pytest
 
 from runtime import messages as m
 from runtime.bus import Bus
+from runtime.embed import connect
 from runtime.errors import MessageRejected
 from runtime.paths import DataDir
 from tests.conftest import BrokerProcess
@@ -122,3 +123,18 @@ async def test_a_reliable_message_the_broker_refuses_is_not_resent(
                 seen.append(env)
         assert len(seen) == 1 and isinstance(seen[0].body, m.Rejected)
         assert seen[0].body.id == sent.id
+
+
+async def test_chat_answers_a_turn_too_big_to_send_with_the_input_rejected_playbook(
+    data: DataDir, broker: BrokerProcess
+) -> None:
+    async with connect(data.root) as rt, rt.bus("controller") as controller:
+        turns = controller.subscribe("user.in")
+        with anyio.fail_after(10):
+            chunks = [c async for c in rt.chat("x" * (2 << 20), conversation="c1")]
+        assert len(chunks) == 1 and chunks[0].notice and chunks[0].closes_turn
+        assert chunks[0].delta.startswith("I couldn't accept that message:")
+        assert "1048576-byte limit" in chunks[0].delta
+        with anyio.move_on_after(0.5):
+            async for env in turns:
+                raise AssertionError(f"the oversized turn was sent: {env.id}")
