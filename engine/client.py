@@ -205,13 +205,16 @@ class Client:
         params: SamplingParams | None = None,
         *,
         messages: list[Message] | None = None,
+        background: bool = False,
     ) -> AsyncIterator[Chunk]:
-        """One-shot generation (no session kept): a prompt or chat messages in, chunks out."""
+        """One-shot generation (no session kept): a prompt or chat messages in, chunks out.
+        ``background`` work runs only while no other request has work (summaries)."""
         request = Complete(
             id=self._new_id(),
             prompt=prompt,
             messages=messages or [],
             params=params or SamplingParams(),
+            background=background,
         )
         async for chunk in self._stream(request):
             yield chunk
@@ -222,9 +225,11 @@ class Client:
         params: SamplingParams | None = None,
         *,
         messages: list[Message] | None = None,
+        background: bool = False,
     ) -> str:
         """The whole text of a one-shot generation."""
-        return "".join([c.delta async for c in self.complete(prompt, params, messages=messages)])
+        chunks = self.complete(prompt, params, messages=messages, background=background)
+        return "".join([c.delta async for c in chunks])
 
     async def _stream(self, request: Generate | Complete) -> AsyncIterator[Chunk]:
         finished = False

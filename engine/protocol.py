@@ -64,6 +64,7 @@ class Complete(Request, frozen=True, kw_only=True):
     prompt: str | None = None
     messages: list[Message] = []
     params: SamplingParams = SamplingParams()
+    background: bool = False  # runs only while no other request has work (summaries)
 
 
 class Stats(Request, frozen=True, kw_only=True):

@@ -57,6 +57,7 @@ from runtime.keys import curve_server
 log = structlog.get_logger("engine")
 
 SENTINEL = "\x00chorus-sentinel\x00"
+BACKGROUND_PREFILL_CHUNK = 32  # tokens per step of a background prompt (tens of ms on a CPU)
 
 
 class RequestError(Exception):
@@ -100,6 +101,7 @@ class Job:
     feed: collections.deque[int]
     sampler: Sampler | None = None  # set for Generate/Complete
     generated: int = 0
+    background: bool = False  # advances only while no foreground job has work
 
 
 class Templates:
@@ -321,7 +323,8 @@ class EngineServer:
                         "too_long",
                         f"{len(feed)} prompt tokens; the limit is {self.config.max_append_tokens}",
                     )
-                self._queue(route, request.id, session, feed, Sampler(params, self.tokenizer))
+                sampler = Sampler(params, self.tokenizer)
+                self._queue(route, request.id, session, feed, sampler, request.background)
                 return None
             case Cancel(request=target):
                 self._cancel(sock, caller, target)
@@ -415,23 +418,31 @@ class EngineServer:
         session: Session,
         feed: list[int],
         sampler: Sampler | None = None,
+        background: bool = False,
     ) -> None:
         tokens = collections.deque([*session.pending, *feed])
         session.pending = []
         if sampler is not None:
             session.busy = request
-        self.prefills.append(Job(route, request, session, tokens, sampler))
+        self.prefills.append(Job(route, request, session, tokens, sampler, background=background))
 
     def _step(self, sock: zmq.Socket[Any]) -> None:
+        # Background jobs (summaries) wait while any other job has work: a foreground
+        # request is delayed by at most one small background prefill chunk.
+        foreground = any(not j.background for j in (*self.prefills, *self.streams))
         if self.prefills:
-            self._prefill_one(sock)
+            self._prefill_one(sock, background=not foreground)
         if self.streams:
-            self._decode_all(sock)
+            self._decode_all(sock, background=not foreground)
 
-    def _prefill_one(self, sock: zmq.Socket[Any]) -> None:
-        job = self.prefills.popleft()
+    def _prefill_one(self, sock: zmq.Socket[Any], background: bool) -> None:
+        job = next((j for j in self.prefills if background or not j.background), None)
+        if job is None:
+            return
+        self.prefills.remove(job)
         if job.feed:
-            n = min(self.config.prefill_chunk, len(job.feed))
+            limit = BACKGROUND_PREFILL_CHUNK if job.background else self.config.prefill_chunk
+            n = min(limit, len(job.feed))
             chunk = [job.feed.popleft() for _ in range(n)]
             job.session.logits = self.model.prefill(chunk, job.session.cache, last_only=True)[-1]
             self.forward_calls += 1
@@ -442,9 +453,12 @@ class EngineServer:
         else:
             self.streams.append(job)
 
-    def _decode_all(self, sock: zmq.Socket[Any]) -> None:
+    def _decode_all(self, sock: zmq.Socket[Any], background: bool) -> None:
         feeding: list[tuple[Job, int]] = []
+        waiting = [job for job in self.streams if job.background and not background]
         for job in self.streams:
+            if job.background and not background:
+                continue
             assert job.sampler is not None and job.session.logits is not None
             token = job.sampler.pick(job.session.logits)
             delta = job.sampler.accept(token)
@@ -461,8 +475,8 @@ class EngineServer:
                 chunk = Chunk(id=job.request, delta=delta, tokens=job.generated)
                 self._send(sock, job.route, chunk)
                 feeding.append((job, token))
-        self._note_rate(len(self.streams))
-        self.streams = [job for job, _ in feeding]
+        self._note_rate(len(self.streams) - len(waiting))
+        self.streams = [job for job, _ in feeding] + waiting
         if feeding:
             tokens = [token for _, token in feeding]
             logits = self.model.decode(tokens, [job.session.cache for job, _ in feeding])  # [B, V]

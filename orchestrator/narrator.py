@@ -36,7 +36,6 @@ from engine.protocol import Message
 from engine.sampling import SamplingParams
 from runtime import messages as m
 from runtime.bus import Bus
-from runtime.errors import ChorusError
 from runtime.paths import DataDir
 
 from . import prompts
@@ -53,11 +52,10 @@ DecisionAction = Literal["spoken", "finished"]
 SPEAK = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=96, seed=0, stop=["\n\n"])
 # progress is one short paragraph: the user wants to know it is moving, not a story
 PROGRESS = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=48, seed=0, stop=["\n\n"])
-# A summary costs the engine seconds of prefill and decoding; made while someone waits
-# for an answer it would delay that answer. So it waits for the conversation to go
-# quiet and for the engine to be idle (two looks a second apart), up to SUMMARY_PATIENCE.
+# A summary waits until its conversation has been quiet this long (not one per turn of
+# a lively exchange), and runs as background work in the engine, which only advances it
+# while no answer is being made.
 SUMMARY_QUIET_S = 15.0
-SUMMARY_PATIENCE = 20  # quiet periods to wait for an idle engine before summarising anyway
 SUMMARY_TOKENS = 300  # of the rolling summary in a reopened session's system prompt
 NOTES_TOKENS = 400  # of agent notes in one progress or result cue
 COUNTER_RETRY_S = 60.0  # how long an estimating counter is kept before asking the engine again
@@ -288,19 +286,6 @@ class Narrator:
 
     # -- summaries ---------------------------------------------------------------------------
 
-    async def _engine_idle(self) -> bool:
-        """No request running in the engine, at two looks a second apart."""
-        for look in (1, 2):
-            try:
-                with anyio.fail_after(5):
-                    if (await self.engine.stats()).active_requests:
-                        return False
-            except (ChorusError, TimeoutError):
-                return True  # down: the summary will be extractive and cost it nothing
-            if look == 1:
-                await anyio.sleep(1.0)
-        return True
-
     def _schedule_summary(self, conversation: str) -> None:
         if conversation in self._summarizing:
             self._resummarize.add(conversation)  # the running update goes round once more
@@ -312,15 +297,11 @@ class Narrator:
     async def _summarize(self, conversation: str) -> None:
         c = self.conversations[conversation]
         try:
-            waited = 0
             while True:
                 self._resummarize.discard(conversation)
                 await anyio.sleep(SUMMARY_QUIET_S)
-                waited += 1
-                talking = conversation in self._resummarize or c.current or c.queue
-                if waited < SUMMARY_PATIENCE and (talking or not await self._engine_idle()):
-                    continue
-                waited = 0
+                if conversation in self._resummarize or c.current or c.queue:
+                    continue  # still talking
                 try:
                     done = await summarize.update(
                         self.data, conversation, self.engine, await self._count()

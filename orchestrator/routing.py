@@ -115,6 +115,7 @@ class Completer(Protocol):
         params: SamplingParams | None = None,
         *,
         messages: list[Message] | None = None,
+        background: bool = False,
     ) -> str: ...
 
 

@@ -248,7 +248,7 @@ async def _engine_summary(
     # a small model goes on to invent new turns: stop where it starts one
     params = SamplingParams(temperature=0, max_tokens=SUMMARY_TOKENS, stop=["\nUser", "\nuser"])
     messages = [Message(role="system", content=SYSTEM), Message(role="user", content=prompt)]
-    text = await engine.complete_text(params=params, messages=messages)
+    text = await engine.complete_text(params=params, messages=messages, background=True)
     lines = dict.fromkeys(" ".join(line.split()) for line in text.splitlines())  # no repeats
     return _trim_words(" ".join(line for line in lines if line), max_words)
 

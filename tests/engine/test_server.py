@@ -102,6 +102,37 @@ async def test_concurrent_generations_interleave_and_share_forward_calls(
     assert max(batches) == 3, batches
 
 
+async def test_background_work_waits_while_a_foreground_request_runs(
+    data: DataDir, engine: EngineServer
+) -> None:
+    """A summary (background) started first does not slow an answer (foreground): the
+    answer's tokens are decoded alone, and the summary finishes after it."""
+    params = SamplingParams(temperature=0, max_tokens=30)
+    async with client(data) as llm:
+        await llm.open("chat")
+        await llm.append("chat", text="The quick brown fox")
+        done: list[str] = []
+
+        async def summary() -> None:
+            long = SamplingParams(temperature=0, max_tokens=200)
+            await llm.complete_text("summarise " * 30, long, background=True)
+            done.append("summary")
+
+        async def answer() -> None:
+            async for _ in llm.generate("chat", params):
+                pass
+            done.append("answer")
+
+        engine.decode_batches.clear()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(summary)
+            await anyio.sleep(0.01)  # the summary is under way
+            tg.start_soon(answer)
+    assert done == ["answer", "summary"]
+    batches = list(engine.decode_batches)
+    assert max(batches) == 1, batches  # never decoded side by side: the summary waited
+
+
 async def test_cancel_stops_a_stream_within_a_step(data: DataDir, engine: EngineServer) -> None:
     async with client(data) as llm:
         await llm.open("long")

@@ -155,7 +155,9 @@ class Scripted:
         params: SamplingParams | None = None,
         *,
         messages: list[Message] | None = None,
+        background: bool = False,
     ) -> str:
+        assert background  # a summary must never delay an answer
         self.prompts.append(prompt or "\n".join(msg.content for msg in messages or []))
         return self.text
 
