@@ -116,9 +116,11 @@ class StreamView {
 
   finish(finish: string, sources: string[]): void {
     this.el.classList.add(finish === "error" ? "failed" : "done");
-    if (sources.length > 0) {
+    // the narrator usually attaches its sources to the text by code: list only the others
+    const unsaid = sources.filter((source) => !this.text.includes(source));
+    if (unsaid.length > 0) {
       const list = make("ul", "sources");
-      for (const source of sources) list.append(make("li", "", source));
+      for (const source of unsaid) list.append(make("li", "", source));
       this.el.append(list);
     }
   }
