@@ -51,7 +51,7 @@ export type TasksFilter = TasksQuery & { signal?: AbortSignal };
 /** Filters of `listLogs`, as for `python -m runtime logs`: since, until, topic, sender, conversation, task, text, limit, order. */
 export type LogsFilter = LogsQuery & { signal?: AbortSignal };
 
-/** Filters of `listDecisions`: since, conversation, limit. */
+/** Filters of `listDecisions`: since, until, conversation, sender, limit, order. */
 export type DecisionsFilter = DecisionsQuery & { signal?: AbortSignal };
 
 type Query = Record<string, string | number | readonly (string | number)[] | null | undefined>;
