@@ -279,9 +279,21 @@ class Supervisor:
                 for child in self.children.values():
                     child.last_heartbeat = max(child.last_heartbeat, now)
                 continue
-            for child in self.children.values():
-                if child.spec.ready == "endpoints" or not child.ready.is_set():
-                    continue
+            watched = [
+                c
+                for c in self.children.values()
+                if c.spec.ready != "endpoints" and c.ready.is_set()
+            ]
+            limit = MISSED_HEARTBEATS * HEARTBEAT_S
+            if len(watched) > 1 and all(now - c.last_heartbeat > limit for c in watched):
+                # every child silent at once: the common path (the broker, or a machine
+                # too loaded to run it) is at fault, and killing healthy children would
+                # only add to the load; the broker's own exit is what restarts it
+                log.warning(
+                    "bus_silent", seconds=round(now - max(c.last_heartbeat for c in watched), 1)
+                )
+                continue
+            for child in watched:
                 if child.spec.ready == "engine":
                     continue  # the engine reports every 2 s; its exit is what restarts it
                 silent = now - child.last_heartbeat

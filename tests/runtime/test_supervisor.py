@@ -216,3 +216,21 @@ async def test_a_blocked_host_loop_is_not_taken_for_silent_children(tmp_path: Pa
         with anyio.move_on_after(0.5):
             async for env in restarts:
                 raise AssertionError(f"restarted after the host's stall: {env.body}")
+
+
+async def test_a_stalled_broker_does_not_get_healthy_children_killed(tmp_path: Path) -> None:
+    data = DataDir(tmp_path / "data")
+    agents = {**ECHO, "search": "agents.testing:EchoAgent"}
+    async with Runtime(data.root, agents=agents, engine=False, orchestration=False) as rt:
+        await next_heartbeat(rt, "coder")
+        await next_heartbeat(rt, "search")
+        before = {name: child_pid(rt, name) for name in ("broker", "coder", "search")}
+        os.kill(before["broker"], signal.SIGSTOP)  # every heartbeat stops arriving at once
+        try:
+            await anyio.sleep(
+                2 * supervisor_module.MISSED_HEARTBEATS * supervisor_module.HEARTBEAT_S
+            )
+        finally:
+            os.kill(before["broker"], signal.SIGCONT)
+        await next_heartbeat(rt, "coder")
+        assert {name: child_pid(rt, name) for name in before} == before
