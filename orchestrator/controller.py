@@ -21,15 +21,19 @@ from runtime.bus import Bus
 from runtime.errors import ChorusError
 from runtime.paths import DataDir
 
+from .budget import Section, fit
 from .gating import Gate, GateConfig, Out, TaskEvent
+from .log import summarize
 from .process import heartbeat_loop
 from .routing import Route, keyword_route, model_route
 from .task_graph import TaskGraph, TaskGraphError
+from .tokens import EngineCounter
 
 log = structlog.get_logger("controller")
 
 TICK_S = 0.2
 MISSED_HEARTBEATS_S = 5.0
+ROUTING_SUMMARY_TOKENS = 120  # of the conversation's summary in the routing prompt
 NOTICE_ACTIVE_S = 900.0  # conversations with a user turn this recent hear of system faults
 NOTICE_EVERY_S = 300.0  # at most one notice of a kind per conversation in this long
 # per task kind: how many attempts, and the deadline of each
@@ -68,6 +72,7 @@ class Controller:
         self.tasks: dict[str, TrackedTask] = {}
         self.last_seen: dict[str, float] = {}
         self.engine_ok = engine is not None
+        self.counter = EngineCounter(engine)
         self.active: dict[str, float] = {}  # conversation -> its last user turn (monotonic)
         self._told: dict[tuple[str, str], float] = {}  # (conversation, playbook) -> when
         self._storage_fault: tuple[str, float] | None = None  # the last one: reason, when
@@ -111,7 +116,7 @@ class Controller:
         conversation = envelope.conversation or envelope.id
         self.active[conversation] = time.monotonic()
         text = envelope.body.text
-        route = self._available(await self._route(text))
+        route = self._available(await self._route(text, conversation))
         log.info("routed", conversation=conversation, agents=route.agents, method=route.method)
         task_ids = [
             await self._assign(conversation, agent, route.subtasks[agent]) for agent in route.agents
@@ -146,23 +151,34 @@ class Controller:
             route, agents=alive, subtasks={a: route.subtasks[a] for a in alive}
         )
 
-    async def _route(self, text: str) -> Route:
-        """Clear keyword signals win; the model decides what they leave open. (Measured in
-        benchmarks/routing.py: the 135M default model routes far worse than the keyword
-        rules where those match, so it only breaks their ties.)"""
+    async def _route(self, text: str, conversation: str) -> Route:
+        """Clear keyword signals win; the model decides what they leave open, with the
+        conversation's rolling summary for context. (Measured in benchmarks/routing.py:
+        the 135M default model routes far worse than the keyword rules where those
+        match, so it only breaks their ties.)"""
         keywords = keyword_route(text)
         if keywords.method == "small_talk" or keywords.confident:
             return keywords
         if self.engine is not None:
             try:
                 with anyio.fail_after(15):
-                    route = await model_route(self.engine, text)
+                    summary = await self._summary(conversation)
+                    route = await model_route(self.engine, text, summary)
                 self.engine_ok = True
                 return route
             except (EngineError, EngineUnavailable, TimeoutError) as exc:
                 self.engine_ok = False
                 log.warning("model_routing_failed", error=str(exc))
         return keywords
+
+    async def _summary(self, conversation: str) -> str:
+        """The conversation's rolling summary, fitted to ``ROUTING_SUMMARY_TOKENS``."""
+        summary = summarize.summary_text(self.data, conversation)
+        if not summary:
+            return ""
+        count = await self.counter.get()
+        section = Section("summary", summary, min_tokens=20)
+        return fit([section], ROUTING_SUMMARY_TOKENS, count)["summary"]
 
     async def _assign(
         self, conversation: str, agent: str, text: str, attempt: int = 1, task_id: str | None = None

@@ -23,7 +23,6 @@ Prompt material is fitted to token budgets counted with the engine's tokenizer.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -42,7 +41,7 @@ from . import prompts
 from .budget import Section, fit
 from .log import summarize
 from .process import heartbeat_loop
-from .tokens import TokenCounter
+from .tokens import EngineCounter, TokenCounter
 
 log = structlog.get_logger("narrator")
 
@@ -58,7 +57,6 @@ PROGRESS = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=48, seed=0, sto
 SUMMARY_QUIET_S = 15.0
 SUMMARY_TOKENS = 300  # of the rolling summary in a reopened session's system prompt
 NOTES_TOKENS = 400  # of agent notes in one progress or result cue
-COUNTER_RETRY_S = 60.0  # how long an estimating counter is kept before asking the engine again
 
 
 @dataclass
@@ -89,8 +87,7 @@ class Narrator:
         self.params = params
         self.conversations: dict[str, _Conversation] = {}
         self._tg: anyio.abc.TaskGroup | None = None
-        self._counter: TokenCounter | None = None
-        self._counter_at = 0.0
+        self._counter = EngineCounter(engine)
         self._summarizing: set[str] = set()
         self._resummarize: set[str] = set()
 
@@ -274,15 +271,7 @@ class Narrator:
         return prompts.render("narrator", summary=summary).strip()
 
     async def _count(self) -> TokenCounter:
-        """The engine's tokenizer once it has said where it is; an estimate until then."""
-        now = time.monotonic()
-        if self._counter is None or (
-            not self._counter.exact and now - self._counter_at > COUNTER_RETRY_S
-        ):
-            self._counter_at = now
-            with anyio.move_on_after(5):
-                self._counter = await TokenCounter.from_engine(self.engine)
-        return self._counter or TokenCounter()
+        return await self._counter.get()
 
     # -- summaries ---------------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ import msgspec
 from engine.protocol import Message
 from engine.sampling import SamplingParams
 
+from . import prompts
+
 Method = Literal["small_talk", "model", "keyword"]
 
 # what the model may answer, and the agents each choice means
@@ -92,22 +94,6 @@ def keyword_route(text: str) -> Route:
     )
 
 
-ROUTER_PROMPT = (
-    "Pick the helper for a request.\n"
-    "coder = compute, calculate or run Python code.\n"
-    "search = find where something is documented.\n"
-    "rag = explain a Python topic.\n"
-    "search+rag = explain it and say where it is documented.\n"
-    "none = greetings and chit-chat.\n\n"
-    "Request: What is 12 times 34?\nHelper: coder\n"
-    "Request: Where are decorators documented?\nHelper: search\n"
-    "Request: How does a while loop work?\nHelper: rag\n"
-    "Request: Explain generators and where the docs cover them.\nHelper: search+rag\n"
-    "Request: Hello, how are you?\nHelper: none\n"
-    "Request: {text}\nHelper:"
-)
-
-
 class Completer(Protocol):
     async def complete_text(
         self,
@@ -119,11 +105,15 @@ class Completer(Protocol):
     ) -> str: ...
 
 
-async def model_route(engine: Completer, text: str) -> Route:
-    """Ask the model, constrained to ``CHOICES``; fall back to keywords on anything else."""
-    # a raw few-shot prompt, the choices spelled as the examples tokenize: " coder"
+async def model_route(engine: Completer, text: str, summary: str = "") -> Route:
+    """Ask the model, constrained to ``CHOICES``; fall back to keywords on anything else.
+    ``summary`` (the conversation so far, already fitted to a budget) lets a follow-up
+    ("and where is that documented?") be routed with its context."""
+    # a raw few-shot prompt (prompts/controller.md), the choices spelled as the examples
+    # tokenize: " coder"
     params = SamplingParams(temperature=0, max_tokens=8, choices=[f" {c}" for c in CHOICES])
-    prompt = ROUTER_PROMPT.format(text=" ".join(text.split())[:2000])
+    context = f"Conversation so far: {' '.join(summary.split())}\n" if summary.strip() else ""
+    prompt = prompts.render("controller", summary=context, user_text=" ".join(text.split())[:2000])
     raw = (await engine.complete_text(prompt, params)).strip()
     agents = CHOICES.get(raw)
     if agents is None:

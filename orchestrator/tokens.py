@@ -9,10 +9,12 @@ token, which overestimates English text for this model family and so stays in bu
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import anyio
 import structlog
 
 from engine.protocol import StatsReply
@@ -66,3 +68,22 @@ class TokenCounter:
             log.info("token_estimate", reason=str(exc))
             return cls()
         return cls.from_folder(stats.tokenizer) if stats.tokenizer else cls()
+
+
+class EngineCounter:
+    """A process's counter: the engine's tokenizer once the engine has said where it
+    is; the estimate until then, asking again at most every ``retry_s``."""
+
+    def __init__(self, engine: _StatsSource | None, retry_s: float = 60.0) -> None:
+        self.engine = engine
+        self.retry_s = retry_s
+        self._counter: TokenCounter | None = None
+        self._asked = 0.0
+
+    async def get(self) -> TokenCounter:
+        now = time.monotonic()
+        if self._counter is None or (not self._counter.exact and now - self._asked > self.retry_s):
+            self._asked = now
+            with anyio.move_on_after(5):
+                self._counter = await TokenCounter.from_engine(self.engine)
+        return self._counter or TokenCounter()

@@ -100,15 +100,23 @@ def test_rendered_prompts_fit_the_budget_in_real_tokens() -> None:
         [
             Section("summary", SAMPLE["summary"], priority=2, min_tokens=10),
             Section("recent_turns", long_turns, priority=1, min_tokens=50),
-            Section("task_states", SAMPLE["task_states"], priority=3),
-            Section("user_text", SAMPLE["user_text"], keep=True),
         ],
-        budget - count(prompts.template("controller")),
+        budget - count(prompts.template("summarize")),
         count,
     )
-    rendered = prompts.render("controller", **fitted)
+    rendered = prompts.render("summarize", max_words="80", **fitted)
     assert count(rendered) <= budget
-    assert SAMPLE["user_text"] in rendered
+    assert SAMPLE["summary"] in rendered and "question 39" in rendered  # the newest turns kept
+    assert "question 0\n" not in rendered  # the oldest cut
+
+
+async def test_the_model_router_sees_the_conversation_summary_only_when_there_is_one() -> None:
+    completer = FixedCompleter(" rag")
+    await model_route(completer, "and the second one?")
+    assert completer.prompt is not None and "Conversation so far" not in completer.prompt
+    assert completer.prompt.endswith("Request: and the second one?\nHelper:")
+    await model_route(completer, "and the second one?", summary=SAMPLE["summary"])
+    assert f"Conversation so far: {SAMPLE['summary']}\nRequest:" in (completer.prompt or "")
 
 
 @pytest.mark.parametrize(
@@ -139,11 +147,12 @@ class FixedCompleter:
     def __init__(self, answer: str) -> None:
         self.answer = answer
         self.params: SamplingParams | None = None
+        self.prompt: str | None = None
 
     async def complete_text(
         self, prompt: str | None = None, params: SamplingParams | None = None, **_: Any
     ) -> str:
-        self.params = params
+        self.params, self.prompt = params, prompt
         return self.answer
 
 
