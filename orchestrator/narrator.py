@@ -23,6 +23,7 @@ Prompt material is fitted to token budgets counted with the engine's tokenizer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -55,6 +56,7 @@ PROGRESS = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=48, seed=0, sto
 # a lively exchange), and runs as background work in the engine, which only advances it
 # while no answer is being made.
 SUMMARY_QUIET_S = 15.0
+ENGINE_DOWN_REPEAT_S = 60.0  # the engine_down playbook at most this often per conversation
 SUMMARY_TOKENS = 300  # of the rolling summary in a reopened session's system prompt
 NOTES_TOKENS = 400  # of agent notes in one progress or result cue
 
@@ -73,6 +75,7 @@ class _Conversation:
     wake: anyio.Event = field(default_factory=anyio.Event)
     opened: bool = False
     backlog: list[Message] = field(default_factory=list)  # not yet in the engine session
+    engine_down_told: float = -1e9  # when the user last heard the engine_down playbook
 
 
 class Narrator:
@@ -168,17 +171,18 @@ class Narrator:
                     reason = cue.cover[-1].split(": ", 2)[-1] if cue.cover else ""
                     await say(prompts.playbook(cue.playbook, reason) + "\n", notice=True)
                 if cue.kind != "playbook":
-                    async for delta in self._words(conversation, c, cue):
-                        await say(delta)
+                    try:
+                        async for delta in self._words(conversation, c, cue):
+                            await say(delta)
+                    except (EngineUnavailable, EngineError) as exc:
+                        finish = "error"
+                        log.warning("engine_failed", conversation=conversation, error=str(exc))
+                        for line, notice in self._without_engine(c, cue):
+                            await say(line, notice=notice)
                     for attachment in cue.attachments:  # by code: exact, whatever the model said
                         await say(f"\n{attachment}\n")
                     if cue.sources:
                         await say("\nSources: " + ", ".join(cue.sources))
-        except (EngineUnavailable, EngineError) as exc:
-            finish = "error"
-            log.warning("engine_failed", conversation=conversation, error=str(exc))
-            with anyio.CancelScope(shield=True):
-                await say(prompts.playbook("engine_down") + "\n", notice=True)
         finally:
             with anyio.CancelScope(shield=True):
                 if utterance.scope.cancelled_caught:
@@ -189,6 +193,22 @@ class Narrator:
                 c.current = None
                 if closes:
                     self._schedule_summary(conversation)
+
+    def _without_engine(self, c: _Conversation, cue: m.Cue) -> list[tuple[str, bool]]:
+        """What is said when the model cannot speak: the engine_down playbook (once a
+        minute per conversation, not at every watchdog tick), then, for a result, the
+        agents' notes as they are, so the user gets the result anyway."""
+        lines: list[tuple[str, bool]] = []
+        now = time.monotonic()
+        if now - c.engine_down_told > ENGINE_DOWN_REPEAT_S:
+            c.engine_down_told = now
+            lines.append((prompts.playbook("engine_down") + "\n", True))
+        if cue.kind == "result" and cue.cover:
+            notes = "; ".join(note.split(": ", 2)[-1] for note in cue.cover)
+            lines.append((f"Here is what came back: {notes}\n", False))
+        elif cue.kind == "progress" and not lines:
+            lines.append(("Still working on it.\n", False))
+        return lines
 
     async def _decide(
         self, conversation: str, action: DecisionAction, reason: str, cue_id: str, tasks: list[str]

@@ -63,6 +63,9 @@ async def test_a_documentation_question_reaches_workers_and_only_the_narrator_sp
         last = result[-1].body
         assert isinstance(last, m.Chunk) and last.final and last.finish == "error"
         assert any(e.body.notice for e in result)  # type: ignore[union-attr]
+        # ... and still the agents' notes, as they are: the result reaches the user
+        result_text = "".join(e.body.delta for e in result)  # type: ignore[union-attr]
+        assert "Here is what came back:" in result_text, result_text
         agents = set()
         with anyio.fail_after(5):
             async for env in assigned:
