@@ -13,8 +13,10 @@ the whole conversation and, with the StreamingLLM cache, never runs out of conte
 * ``playbook`` lines are sent as notices without the model, so they work with the
   engine down.
 
-A cue with ``preempt`` cancels the utterance in progress (its stream ends with an
-``interrupted`` chunk) and the engine request with it.
+A new user turn (``user.in``) cancels the utterance in progress at once (its stream
+ends with an ``interrupted`` chunk, and the engine request with it), before the
+controller has even routed the turn: the user barged in. A cue with ``preempt`` does
+the same, for the controller's own reasons.
 
 After a turn closes, the narrator brings the conversation's rolling summary up to date
 (``orchestrator/log/summarize.py``); a session reopened after eviction starts from it.
@@ -65,7 +67,12 @@ NOTES_TOKENS = 400  # of agent notes in one progress or result cue
 class Utterance:
     cue_id: str
     stream: str
+    turn: str = ""  # the user turn the cue was about
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+
+def _turn_of(envelope: m.Envelope) -> str:
+    return envelope.body.turn if isinstance(envelope.body, m.Cue) else ""
 
 
 @dataclass
@@ -98,10 +105,25 @@ class Narrator:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(heartbeat_loop, self.bus, "narrator", self._state)
+            tg.start_soon(self._barge_ins)
             with self.bus.subscribe("narrator.cue") as cues:
                 async for envelope in cues:
                     if isinstance(envelope.body, m.Cue):
                         self._on_cue(envelope)
+
+    async def _barge_ins(self) -> None:
+        with self.bus.subscribe("user.in") as turns:
+            async for envelope in turns:
+                c = self.conversations.get(envelope.conversation or "default")
+                if c is not None and envelope.sender == "client":
+                    self._stop(c, spare=envelope.id)
+
+    def _stop(self, c: _Conversation, spare: str = "") -> None:
+        """Drop what is queued and cut what is being said, except what answers the
+        user turn ``spare`` (its cue may arrive before the turn itself is seen here)."""
+        c.queue = [e for e in c.queue if spare and _turn_of(e) == spare]
+        if c.current is not None and not (spare and c.current.turn == spare):
+            c.current.scope.cancel()
 
     def _state(self) -> tuple[str, str | None, int]:
         speaking = [c for c in self.conversations.values() if c.current]
@@ -117,9 +139,7 @@ class Narrator:
             assert self._tg is not None
             self._tg.start_soon(self._speaker, conversation, c)
         if envelope.body.preempt:
-            c.queue.clear()
-            if c.current is not None:
-                c.current.scope.cancel()
+            self._stop(c)
         c.queue.append(envelope)
         c.wake.set()
 
@@ -135,7 +155,7 @@ class Narrator:
     async def _speak(self, conversation: str, c: _Conversation, envelope: m.Envelope) -> None:
         cue = envelope.body
         assert isinstance(cue, m.Cue)
-        utterance = Utterance(envelope.id, m.new_id())
+        utterance = Utterance(envelope.id, m.new_id(), cue.turn)
         c.current = utterance
         seq = 0
         finish: m.Finish = "done"

@@ -41,7 +41,7 @@ _READS: dict[str, tuple[str, ...]] = {
         "event.",
         "narrator.decision",
     ),
-    "narrator": ("narrator.cue", "sys.config"),
+    "narrator": ("narrator.cue", "user.in", "sys.config"),  # user.in: to stop talking at once
     "narrator-shadow": ("narrator.cue", "sys.config"),
     "coder": ("task.assign.coder", "sys.config"),
     "search": ("task.assign.search", "sys.config"),
