@@ -15,8 +15,9 @@ it:
 * ``interrupt_*``: from a preempting ``user.in`` to the ``interrupted`` final chunk of
   the stream it cut;
 * ``bus_overhead_pct``: the narrator's tokens/s as the client receives them, against
-  the engine's raw tokens/s for the same kind of request straight over
-  ``engine.Client`` in the same run (tokens counted with the model's tokenizer).
+  the engine's raw tokens/s for the same request (the narrator's system prompt, the
+  user's text, its sampling) straight over ``engine.Client``, made right after each
+  turn so both see the same load (tokens counted with the model's tokenizer).
 
 Targets on this CPU machine (issue): first chunk p50 ≤ 1.5 s, interruption p50 ≤ 0.25 s,
 bus overhead ≤ 5%.
@@ -28,6 +29,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ import anyio
 from benchmarks._common import percentile, save_plot, write_json
 from engine.client import Client
 from engine.protocol import Message
+from orchestrator import prompts
 from orchestrator.narrator import SPEAK
 from runtime import messages as m
 from runtime.bus import Subscription
@@ -97,26 +100,22 @@ async def interrupt(rt: Runtime, out: Subscription, conversation: str) -> float:
     return elapsed
 
 
-async def engine_raw(data_root: Path, prompts: list[str]) -> list[tuple[str, float]]:
-    """The engine alone: text and seconds from first to last chunk, same params."""
-    results = []
-    async with Client.connect("operator", data_root, timeout=120) as llm:
-        for i, text in enumerate(prompts):
-            session = f"raw-{i}"
-            await llm.open(session, system_prompt="You are Chorus. Be brief and friendly.")
-            await llm.append(
-                session, messages=[Message(role="user", content=text)], generation_prompt=True
-            )
-            first = last = 0.0
-            parts = []
-            async for chunk in llm.generate(session, SPEAK):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                parts.append(chunk.delta)
-            results.append(("".join(parts), last - first))
-            await llm.close(session)
-    return results
+async def engine_raw(llm: Client, text: str, session: str) -> tuple[str, float]:
+    """The engine alone, for the request the narrator makes for ``text`` (its system
+    prompt, the user's text, its sampling): the text, and seconds from the first chunk
+    with text to the last chunk."""
+    await llm.open(session, system_prompt=prompts.render("narrator", summary="").strip())
+    await llm.append(session, messages=[Message(role="user", content=text)], generation_prompt=True)
+    first = last = 0.0
+    parts = []
+    async for chunk in llm.generate(session, SPEAK):
+        now = time.perf_counter()
+        if chunk.delta:
+            first = first or now
+        last = now
+        parts.append(chunk.delta)
+    await llm.close(session)
+    return "".join(parts), last - first
 
 
 async def run(turns: int, data_dir: Path) -> dict[str, Any]:
@@ -124,32 +123,32 @@ async def run(turns: int, data_dir: Path) -> dict[str, Any]:
 
     # loaded before the runtime starts: its supervisor shares this event loop
     tokenizer = load_tokenizer(converted_dir(default_model_path()))
-    async with Runtime(data_dir, agents={}) as rt:
+    async with Runtime(data_dir, agents={}) as rt, AsyncExitStack() as stack:
 
         def tokens(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False).input_ids)
 
         out = rt.subscribe("user.out")
+        llm = await stack.enter_async_context(Client.connect("operator", rt.data.root, timeout=120))
         # one turn not counted: the first forward passes pay for allocation and caches
         await first_chunk(rt, out, SMALL_TALK[0], "warm-up")
-        firsts, bus_rates = [], []
+        firsts, bus_rates, raw_rates = [], [], []
         for i in range(turns):
-            first, text, stream_s = await first_chunk(
-                rt, out, SMALL_TALK[i % len(SMALL_TALK)], f"turn-{i}"
-            )
+            said = SMALL_TALK[i % len(SMALL_TALK)]
+            first, text, stream_s = await first_chunk(rt, out, said, f"turn-{i}")
             firsts.append(first)
             if stream_s > 0 and tokens(text) > 4:
                 bus_rates.append((tokens(text) - 1) / stream_s)
+            # the same request straight to the engine, right after: the same load on the box
+            raw, raw_s = await engine_raw(llm, said, f"raw-{i}")
+            if raw_s > 0 and tokens(raw) > 4:
+                raw_rates.append((tokens(raw) - 1) / raw_s)
             print(f"turn {i}: first chunk {first:.3f} s, {tokens(text)} tokens: {text[:60]!r}")
         interrupts = []
         for i in range(max(3, turns // 4)):
             seconds = await interrupt(rt, out, f"interrupt-{i}")
             interrupts.append(seconds)
             print(f"interrupt {i}: {seconds * 1000:.0f} ms")
-        raw = await engine_raw(
-            rt.data.root, [SMALL_TALK[i % len(SMALL_TALK)] for i in range(max(5, turns // 2))]
-        )
-        raw_rates = [(tokens(t) - 1) / s for t, s in raw if s > 0 and tokens(t) > 4]
     bus_tok_s = statistics.median(bus_rates) if bus_rates else float("nan")
     engine_tok_s = statistics.median(raw_rates) if raw_rates else float("nan")
     return {
