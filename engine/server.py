@@ -16,6 +16,7 @@ Everything happens on one thread, so a cancel is seen before the next decode ste
 from __future__ import annotations
 
 import collections
+import math
 import os
 import threading
 import time
@@ -58,6 +59,10 @@ log = structlog.get_logger("engine")
 
 SENTINEL = "\x00chorus-sentinel\x00"
 BACKGROUND_PREFILL_CHUNK = 32  # tokens per step of a background prompt (tens of ms on a CPU)
+# Background work also waits this long after the last foreground work: between the turns
+# of a conversation the other processes (controller, narrator, broker) need the CPU the
+# engine would take, and the next request is usually only a moment away.
+BACKGROUND_AFTER_IDLE_S = 0.5
 
 
 class RequestError(Exception):
@@ -185,6 +190,7 @@ class EngineServer:
         self.ready = threading.Event()
         self.snapshot = self.stats()  # refreshed by the loop for the stats thread to read
         self._snapshot_at = 0.0
+        self._foreground_at = 0.0  # when a foreground job last had work
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -207,8 +213,7 @@ class EngineServer:
                 device=str(self.model.device),
             )
             while not self._stop.is_set():
-                busy = bool(self.prefills or self.streams)
-                if sock.poll(0 if busy else 100):
+                if sock.poll(self._poll_ms()):
                     self._receive_all(sock)
                 self._step(sock)
                 self._evict_idle()
@@ -426,14 +431,29 @@ class EngineServer:
             session.busy = request
         self.prefills.append(Job(route, request, session, tokens, sampler, background=background))
 
+    def _poll_ms(self) -> int:
+        """How long the loop may wait for requests: not at all while it has work."""
+        if self._has_foreground():
+            return 0
+        if self.prefills or self.streams:  # background only: once the idle wait is over
+            wait = BACKGROUND_AFTER_IDLE_S - (time.monotonic() - self._foreground_at)
+            return max(0, math.ceil(wait * 1000))
+        return 100
+
+    def _has_foreground(self) -> bool:
+        return any(not j.background for j in (*self.prefills, *self.streams))
+
     def _step(self, sock: zmq.Socket[Any]) -> None:
-        # Background jobs (summaries) wait while any other job has work: a foreground
-        # request is delayed by at most one small background prefill chunk.
-        foreground = any(not j.background for j in (*self.prefills, *self.streams))
+        # Background jobs (summaries) wait while any other job has work, and a moment
+        # after: a foreground request is delayed by at most one small background step.
+        now = time.monotonic()
+        if self._has_foreground():
+            self._foreground_at = now
+        background = now - self._foreground_at >= BACKGROUND_AFTER_IDLE_S
         if self.prefills:
-            self._prefill_one(sock, background=not foreground)
+            self._prefill_one(sock, background=background)
         if self.streams:
-            self._decode_all(sock, background=not foreground)
+            self._decode_all(sock, background=background)
 
     def _prefill_one(self, sock: zmq.Socket[Any], background: bool) -> None:
         job = next((j for j in self.prefills if background or not j.background), None)
