@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--threads",
             type=int,
             default=None,
-            help="CPU threads for the model's math (default: PyTorch's, one per core)",
+            help="CPU threads for the model's math (default: one per core but one, so the "
+            "other processes keep a core; OMP_NUM_THREADS, if set, decides instead)",
         )
         p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
         p.add_argument(
@@ -82,6 +84,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
         if args.threads < 1:
             raise ConfigError(f"--threads needs a positive count, not {args.threads}")
         torch.set_num_threads(args.threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # Measured on the 2-core box (benchmarks/engine_throughput.py --threads 2): with
+        # the engine's threads on every core, the other processes preempt one of them
+        # and every matmul waits for it; decode fell to 0.56x of the 1-thread rate.
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     started = time.monotonic()
     model, tokenizer = load_model(args.model, device=args.device)
     name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
