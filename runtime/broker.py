@@ -88,6 +88,9 @@ class Broker:
         max_bytes: int = DEFAULT_MAX_BYTES,
         engine_endpoint: str | None = None,
         sndhwm: int = 10_000,
+        log_retain_days: float = 14,
+        log_retain_mb: float = 1024,
+        log_redact: bool = False,
     ) -> None:
         self.data = data
         self.max_bytes = max_bytes
@@ -106,7 +109,13 @@ class Broker:
         # a storage error in the log writer's threads becomes a Fault on event.broker,
         # published by the forwarding loop (sockets belong to one thread)
         self._faults: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._writer = LogWriter(data.logs, on_fault=self._on_storage_fault)
+        self._writer = LogWriter(
+            data.logs,
+            retain_days=log_retain_days,
+            retain_mb=log_retain_mb,
+            redact=log_redact,
+            on_fault=self._on_storage_fault,
+        )
         self.endpoints: Endpoints | None = None
 
     def _endpoints_for(self) -> tuple[str, str]:

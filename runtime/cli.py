@@ -22,22 +22,59 @@ from .errors import ChorusError, ConfigError, NotRunning
 from .gateway import options as gateway_options
 from .keys import ensure_keys
 from .paths import DataDir, Endpoints
+from .settings import Settings, env_example
+from .settings import from_args as settings_from_args
 
 log = structlog.get_logger("cli")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    # flags default to None (unset) so that runtime.settings can tell them from
+    # CHORUS_* variables and the env file: flags > environment > env file > defaults
     p.add_argument(
         "--data-dir",
         type=Path,
         default=None,
         help="data directory (default: $CHORUS_DATA_DIR or ./data)",
     )
-    p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    p.add_argument("--debug", action="store_true", default=None, help="verbose logs and tracebacks")
     p.add_argument(
         "--log-json",
         action="store_true",
+        default=None,
         help="log JSON lines to data/logs/process/ (used for child processes)",
+    )
+    p.add_argument(
+        "--env-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="read CHORUS_* settings from this file (default: $CHORUS_ENV_FILE or ./.env.sidecar if present)",
+    )
+
+
+def _broker_limits(p: argparse.ArgumentParser) -> None:
+    """The broker's message limit and bus-log retention (``launch`` passes them on)."""
+    p.add_argument(
+        "--max-bytes", type=int, metavar="BYTES", help="largest accepted message (default 1 MiB)"
+    )
+    p.add_argument(
+        "--log-retain-days",
+        type=float,
+        metavar="DAYS",
+        help="drop bus-log hours older than this (default 14)",
+    )
+    p.add_argument(
+        "--log-retain-mb",
+        type=float,
+        metavar="MB",
+        help="drop the oldest bus-log files above this size (default 1024)",
+    )
+    p.add_argument(
+        "--log-redact",
+        action="store_true",
+        default=None,
+        help="write user and narrator text to the bus log as hashes",
     )
 
 
@@ -53,8 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--bind", help="broker endpoint tcp://127.0.0.1:PORT (default: ipc sockets under data/run)"
     )
     p.add_argument(
-        "--allow-remote", action="store_true", help="let the broker bind a non-loopback address"
+        "--allow-remote",
+        action="store_true",
+        default=None,
+        help="let the broker bind a non-loopback address",
     )
+    _broker_limits(p)
     p.add_argument(
         "--model",
         help="a local Hugging Face directory or .gguf file (default: SmolLM2-135M-Instruct)",
@@ -63,7 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink", type=int, help="attention sink tokens (default 4)")
     p.add_argument("--window", type=int, help="rolling window tokens (default 1020)")
     p.add_argument(
-        "--no-engine", action="store_true", help="start without the engine (bus and agents only)"
+        "--engine-threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for the model's math (default: one per core)",
+    )
+    p.add_argument(
+        "--engine-idle-s",
+        type=float,
+        metavar="SECONDS",
+        help="the engine evicts sessions idle this long (default 900)",
+    )
+    p.add_argument(
+        "--no-engine",
+        action="store_true",
+        default=None,
+        help="start without the engine (bus and agents only)",
     )
     p.add_argument("--ask", metavar="QUESTION", help="ask one question, print the answer, and exit")
     p.add_argument(
@@ -85,10 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("broker", help="run the broker alone")
     _common(p)
     p.add_argument("--bind", help="tcp://HOST:PORT for publishers (subscribers get PORT+1)")
-    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --bind")
     p.add_argument(
-        "--max-bytes", type=int, default=1 << 20, help="largest accepted message (default 1 MiB)"
+        "--allow-remote", action="store_true", default=None, help="allow a non-loopback --bind"
     )
+    _broker_limits(p)
     p.add_argument("--engine-endpoint", help="the engine's endpoint, written to endpoints.json")
     p.set_defaults(func=cmd_broker)
 
@@ -117,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
     _common(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("settings", help="print the settings in force and where they came from")
+    _common(p)
+    p.add_argument(
+        "--env-example", action="store_true", help="print .env.sidecar.example (every default)"
+    )
+    p.set_defaults(func=cmd_settings)
 
     p = sub.add_parser("schemas", help="check or rewrite data/schemas/")
     p.add_argument("--write", action="store_true", help="rewrite the checked-in schemas")
@@ -164,6 +227,11 @@ def _data_command(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        settings_from_args(args)
+    except ChorusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     data = DataDir.at(args.data_dir)
     process = args.command if args.command != "agent" else args.name
     logconfig.configure(
@@ -199,27 +267,74 @@ def cmd_broker(args: argparse.Namespace) -> int:
         allow_remote=args.allow_remote,
         max_bytes=args.max_bytes,
         engine_endpoint=args.engine_endpoint,
+        log_retain_days=args.log_retain_days,
+        log_retain_mb=args.log_retain_mb,
+        log_redact=args.log_redact,
     )
     return 0
+
+
+def _child_environment(settings: Settings, corpus_flag: bool) -> None:
+    """The settings the children have always read from their environment."""
+    if settings.corpus is not None:
+        if corpus_flag:  # --corpus takes one folder; CHORUS_CORPUS a list the agents check
+            corpus = Path(settings.corpus)
+            if not corpus.is_dir():
+                raise ConfigError(f"--corpus {corpus} is not a folder")
+            os.environ["CHORUS_CORPUS"] = str(corpus.resolve())
+        else:
+            os.environ["CHORUS_CORPUS"] = settings.corpus
+    os.environ["CHORUS_RAG_METHOD"] = settings.rag_method
+    if settings.cache_dir is not None:
+        os.environ["CHORUS_CACHE_DIR"] = str(settings.cache_dir.expanduser())
+
+
+def _flags(*pairs: tuple[str, object]) -> tuple[str, ...]:
+    """``--flag value`` for every value that is set; a bool is a bare flag when true."""
+    out: list[str] = []
+    for flag, value in pairs:
+        if value is None or value is False:
+            continue
+        out += [flag] if value is True else [flag, str(value)]
+    return tuple(out)
+
+
+def child_flags(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The broker's and the engine's flags for ``settings`` (``default_specs`` adds the
+    data directory and the log options every child gets)."""
+    broker = _flags(
+        ("--bind", settings.bind),
+        ("--allow-remote", settings.allow_remote and settings.bind is not None),
+        ("--max-bytes", settings.max_bytes),
+        ("--log-retain-days", settings.log_retain_days),
+        ("--log-retain-mb", settings.log_retain_mb),
+        ("--log-redact", settings.log_redact),
+    )
+    engine = _flags(
+        ("--model", settings.model),
+        ("--device", settings.device),
+        ("--sink", settings.sink),
+        ("--window", settings.window),
+        ("--threads", settings.engine_threads),
+        ("--idle-s", settings.engine_idle_s),
+    )
+    return broker, engine
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from .instance import InstanceLock
     from .supervisor import Supervisor, default_specs
 
-    data = DataDir.at(args.data_dir)
+    settings: Settings = args.settings
+    data = DataDir.at(settings.data_dir)
     data.ensure()
     ensure_keys(data.keys)
-    if args.corpus is not None:  # the search and rag children read it from their environment
-        if not args.corpus.is_dir():
-            raise ConfigError(f"--corpus {args.corpus} is not a folder")
-        os.environ["CHORUS_CORPUS"] = str(args.corpus.resolve())
-    broker_args: tuple[str, ...] = ()
-    if args.bind:
+    _child_environment(settings, corpus_flag="corpus" in args.settings_from_flags)
+    if settings.bind:
         from .broker import check_bind
 
-        check_bind(args.bind, args.allow_remote)
-        broker_args = ("--bind", args.bind, *(["--allow-remote"] if args.allow_remote else []))
+        check_bind(settings.bind, settings.allow_remote)
+    broker_args, engine_args = child_flags(settings)
 
     exit_code = [0]
 
@@ -241,21 +356,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print(f"  ready  {name:<16} pid {pid:<8} {seconds:5.1f} s", flush=True)
 
     async def launch() -> None:
-        engine_args = tuple(
-            arg
-            for flag, value in (
-                ("--model", args.model),
-                ("--device", args.device),
-                ("--sink", args.sink),
-                ("--window", args.window),
-            )
-            if value is not None
-            for arg in (flag, str(value))
-        )
         specs = default_specs(
             data,
-            debug=args.debug,
-            engine=not args.no_engine,
+            debug=settings.debug,
+            engine=settings.engine,
             broker_args=broker_args,
             engine_args=engine_args,
         )
@@ -264,7 +368,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         if args.serve:  # in this process, beside the supervisor: one Ctrl-C stops both
             from .gateway import GatewayServer
 
-            gateway = GatewayServer.from_args(args, data)
+            gateway = GatewayServer.from_settings(settings, data)
             gateway.listen()  # a taken port fails now, before any child starts
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -303,9 +407,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .gateway import GatewayServer
 
-    data = DataDir.at(args.data_dir)
+    data = DataDir.at(args.settings.data_dir)
     data.ensure()
-    server = GatewayServer.from_args(args, data)
+    server = GatewayServer.from_settings(args.settings, data)
 
     async def serve() -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -433,6 +537,17 @@ def cmd_config(args: argparse.Namespace) -> int:
             await anyio.sleep(0.2)  # let the messages leave before the socket closes
 
     anyio.run(run)
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    if args.env_example:
+        print(env_example(), end="")
+        return 0
+    source = f"env file {args.env_file}" if args.env_file else "no env file"
+    print(f"# flags > CHORUS_* environment > {source} > defaults")
+    for name, value in args.settings.as_env().items():
+        print(f"{name}={value}")
     return 0
 
 

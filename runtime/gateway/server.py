@@ -9,12 +9,12 @@ cancelling :meth:`GatewayServer.run`.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -26,6 +26,9 @@ from ..paths import DataDir
 from .app import GatewayConfig, create_app, is_loopback
 from .auth import load_or_create_token, parse_rate
 from .options import DEFAULT_HOST, DEFAULT_PORT
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 log = structlog.get_logger("gateway")
 
@@ -52,19 +55,22 @@ class GatewayServer:
     _socket: socket.socket | None = field(default=None, repr=False)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, data: DataDir) -> GatewayServer:
-        if not 0 <= args.port <= 65535:
-            raise ConfigError(f"--port {args.port} is not a port (0-65535)")
-        if args.max_body < 1:
+    def from_settings(cls, settings: Settings, data: DataDir) -> GatewayServer:
+        """The gateway that ``settings`` (flags > CHORUS_* > env file > defaults) describe."""
+        if not 0 <= settings.gateway_port <= 65535:
+            raise ConfigError(f"--port {settings.gateway_port} is not a port (0-65535)")
+        if settings.gateway_max_body < 1:
             raise ConfigError("--max-body takes a positive number of bytes")
         config = GatewayConfig(
             data=data,
             token=load_or_create_token(data.keys),
-            allow_origins=tuple(args.allow_origin),
-            max_body_bytes=args.max_body,
-            chat_per_minute=parse_rate(args.rate_limit),
+            allow_origins=tuple(settings.gateway_allow_origin),
+            max_body_bytes=settings.gateway_max_body,
+            chat_per_minute=parse_rate(settings.gateway_rate_limit),
         )
-        return cls(config, host=args.host, port=args.port, debug=args.debug)
+        return cls(
+            config, host=settings.gateway_host, port=settings.gateway_port, debug=settings.debug
+        )
 
     def login_url(self) -> str:
         return f"{self.url}/login?token={self.config.token}"
