@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-threads",
         type=int,
         metavar="N",
-        help="CPU threads for the model's math (default: one per core)",
+        help="CPU threads for the model's math (default: one per core but one)",
     )
     p.add_argument(
         "--engine-idle-s",

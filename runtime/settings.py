@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     window: int = Field(1020, ge=1, description="recent tokens kept in the engine's cache")
     engine: bool = Field(True, description="start the engine (false: bus, narrator and agents)")
     engine_threads: int | None = Field(
-        None, ge=1, description="CPU threads for the model's math (empty: one per core)"
+        None, ge=1, description="CPU threads for the model's math (empty: one per core but one)"
     )
     engine_idle_s: float = Field(
         900.0, gt=0, description="the engine evicts a session idle this many seconds"
