@@ -120,6 +120,8 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama RMSNorm, computed in fp32 like transformers."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op, same arithmetic
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -127,9 +129,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Apply RoPE (rotate-half layout). x: [N, H, D], cos/sin: [N, D]."""
+    return x * cos[:, None] + half_turn(x) * sin[:, None]
+
+
+def half_turn(x: torch.Tensor) -> torch.Tensor:
+    """The rotate-half partner of x: [-x2, x1] (shared by the two rotations of a query)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate_query(
+    q: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cos_m: torch.Tensor,
+    sin_m: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query rotated to its stream position (for window keys) and to its in-cache
+    position (for sink keys), sharing one half-turn. q: [N, H, D], cos/sin: [N, D]."""
+    turned = half_turn(q)
+    return (
+        q * cos[:, None] + turned * sin[:, None],
+        q * cos_m[:, None] + turned * sin_m[:, None],
+    )
 
 
 def attend(
@@ -318,7 +340,8 @@ class Model:
         attn = torch.empty(n, a.n_heads * a.head_dim, device=self.device, dtype=self.dtype)
         for i, layer in enumerate(self.layers):
             q, k, v = self.project_qkv(layer, x)
-            q_window, q_sink, k = rotate(q, cos, sin), rotate(q, cos_m, sin_m), rotate(k, cos, sin)
+            q_window, q_sink = rotate_query(q, cos, sin, cos_m, sin_m)
+            k = rotate(k, cos, sin)
             for b, cache in enumerate(caches):
                 cache.update(i, k[b, :, None], v[b, :, None])  # [Hkv, 1, D], in place
                 keys, values = cache.fetch(i, pending=1)  # [Hkv, n, D]
@@ -384,7 +407,8 @@ class Model:
         x = F.embedding(tokens, self.embed)  # [C, dim]
         for i, layer in enumerate(self.layers):
             q, k, v = self.project_qkv(layer, x)
-            q_window, q_sink, k = rotate(q, cos, sin), rotate(q, cos_m, sin_m), rotate(k, cos, sin)
+            q_window, q_sink = rotate_query(q, cos, sin, cos_m, sin_m)
+            k = rotate(k, cos, sin)
             k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, C, D]
             cached_k, cached_v = cache.fetch(i)  # [Hkv, N, D]
             out = attend(
