@@ -215,12 +215,13 @@ class Narrator:
                     self._schedule_summary(conversation)
 
     def _without_engine(self, c: _Conversation, cue: m.Cue) -> list[tuple[str, bool]]:
-        """What is said when the model cannot speak: the engine_down playbook (once a
-        minute per conversation, not at every watchdog tick), then, for a result, the
-        agents' notes as they are, so the user gets the result anyway."""
+        """What is said when the model cannot speak: the engine_down playbook (with every
+        answer and result; with progress once a minute per conversation, not at every
+        watchdog tick), then, for a result, the agents' notes as they are, so the user
+        gets the result anyway."""
         lines: list[tuple[str, bool]] = []
         now = time.monotonic()
-        if now - c.engine_down_told > ENGINE_DOWN_REPEAT_S:
+        if cue.kind != "progress" or now - c.engine_down_told > ENGINE_DOWN_REPEAT_S:
             c.engine_down_told = now
             lines.append((prompts.playbook("engine_down") + "\n", True))
         if cue.kind == "result" and cue.cover:

@@ -123,8 +123,8 @@ async def test_second_instance_on_the_same_data_dir_is_refused(tmp_path: Path) -
                 pass
 
 
-def test_launch_cli_starts_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    data = DataDir(tmp_path / "data")
+def launch_until_up(data: DataDir) -> tuple[subprocess.Popen[str], list[str]]:
+    """``python -m runtime launch --no-engine`` and what it printed until it was up."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime", "launch", "--data-dir", str(data.root), "--no-engine"],
         stdout=subprocess.PIPE,
@@ -138,6 +138,12 @@ def test_launch_cli_starts_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         lines.append(line)
         if "Chorus is up" in line or time.monotonic() > deadline:
             break
+    return proc, lines
+
+
+def test_launch_cli_starts_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    data = DataDir(tmp_path / "data")
+    proc, lines = launch_until_up(data)
     assert any("ready  broker" in line for line in lines), lines
     broker_pid = int(
         next(line for line in lines if "ready  broker" in line).split("pid")[1].split()[0]
@@ -181,17 +187,8 @@ async def test_launch_with_the_engine_restarts_it_after_a_kill(tmp_path: Path) -
 
 def test_children_end_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     data = DataDir(tmp_path / "data")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime", "launch", "--data-dir", str(data.root), "--no-engine"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, _ = launch_until_up(data)
     assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    for line in proc.stdout:
-        if "Chorus is up" in line or time.monotonic() > deadline:
-            break
     children = psutil.Process(proc.pid).children()
     assert {c.name() for c in children} and len(children) >= 6, children  # broker … rag
     proc.kill()  # SIGKILL: no chance to stop anything in order
