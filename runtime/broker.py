@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -44,12 +45,8 @@ log = structlog.get_logger("broker")
 
 DEFAULT_MAX_BYTES = 1 << 20
 # plain ints: pyzmq's flag enums cost microseconds per call on the hot path
-_NOBLOCK, _SNDMORE, _EVENTS, _POLLIN = (
-    int(zmq.NOBLOCK),
-    int(zmq.SNDMORE),
-    int(zmq.EVENTS),
-    int(zmq.POLLIN),
-)
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+SWITCH_INTERVAL_S = 0.0005
 
 
 def check_bind(endpoint: str, allow_remote: bool) -> None:
@@ -133,6 +130,9 @@ class Broker:
     def run(self) -> None:
         """Bind, write endpoints.json, and forward until :meth:`stop` is called."""
         self.data.ensure()
+        # The log writer's thread encodes in batches; with Python's default 5 ms switch
+        # interval the forwarding loop could wait that long for the GIL per message.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._auth = Authenticator(self._ctx, self.data.keys)
         self._auth.start()
         xsub = self._ctx.socket(zmq.XSUB)
@@ -212,7 +212,9 @@ class Broker:
             if xpub in ready:
                 self._drain_subscriptions(xpub)
             if xsub in ready:
-                # drain a batch before polling again: poll is the expensive call
+                # drain a batch before polling again: poll is the expensive call (asking
+                # the socket for its events after each message cost more than the one
+                # zmq.Again that ends the batch)
                 for _ in range(256):
                     try:
                         frames = [xsub.recv(_NOBLOCK, copy=False)]
@@ -221,8 +223,6 @@ class Broker:
                     while frames[-1].more:
                         frames.append(xsub.recv(0, copy=False))
                     self._on_publish(frames, xpub)
-                    if not int(xsub.get(_EVENTS)) & _POLLIN:
-                        break
 
     def _drain_subscriptions(self, xpub: zmq.Socket[Any]) -> None:
         while True:

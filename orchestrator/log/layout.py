@@ -10,6 +10,7 @@ This module imports nothing heavy: the query CLI starts with it on its hot path.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -27,7 +28,12 @@ _NAME = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2})\.jsonl(\.gz)?$")
 
 def hour_file_name(ts: float) -> str:
     """``YYYY-MM-DDTHH.jsonl`` (UTC) for a unix time."""
-    return time.strftime("%Y-%m-%dT%H.jsonl", time.gmtime(ts))
+    return _hour_name(int(ts // 3600))
+
+
+@functools.lru_cache(maxsize=64)
+def _hour_name(hour: int) -> str:  # the writer asks for every envelope: once per hour will do
+    return time.strftime("%Y-%m-%dT%H.jsonl", time.gmtime(hour * 3600))
 
 
 def hour_of(ts: float) -> float:
