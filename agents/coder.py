@@ -22,6 +22,7 @@ import structlog
 from engine.client import Client, EngineError, EngineUnavailable
 from engine.protocol import Message
 from engine.sampling import SamplingParams
+from runtime.paths import DataDir
 
 from .base import Agent, Task, TaskFailed, TaskResult
 from .sandbox import SandboxResult, run_python
@@ -171,6 +172,11 @@ class CoderAgent(Agent):
         return await self._write_and_run(task, timeout_s)
 
     async def _write_and_run(self, task: Task, timeout_s: float) -> TaskResult:
+        if not self._has_engine():  # fail at once rather than after the client's timeout
+            raise TaskFailed(
+                "this instance runs without an engine (launch --no-engine), so no program "
+                "can be written; a task with a `code` param still runs"
+            )
         try:
             async with Client.connect(self.name, self.data_dir, timeout=60) as llm:
                 previous: str | None = None
@@ -201,6 +207,13 @@ class CoderAgent(Agent):
                 f"running for data directory {self.data_dir}?)"
             ) from exc
         raise TaskFailed(f"no working program after 2 attempts; the last one: {error}")
+
+    def _has_engine(self) -> bool:
+        """False only when the running instance says it has no engine."""
+        try:
+            return DataDir.at(self.data_dir).read_endpoints().engine is not None
+        except (OSError, ValueError):  # no instance file to ask: let the client find out
+            return True
 
     @staticmethod
     def _result(code: str, result: SandboxResult, attempts: int) -> TaskResult:

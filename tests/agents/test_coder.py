@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import anyio
+import msgspec
 import psutil
 import pytest
 
@@ -21,7 +22,7 @@ from engine.client import EngineUnavailable
 from engine.protocol import Message
 from engine.sampling import SamplingParams
 from runtime import messages as m
-from runtime.paths import DataDir
+from runtime.paths import DataDir, Endpoints, write_atomic
 from tests.agents.test_agent_runtime import controller, states_of
 from tests.conftest import BrokerProcess, wait_for_engine
 
@@ -214,6 +215,17 @@ async def test_an_unreachable_engine_fails_the_task_saying_so(
     agent, _ = coder
     use_engine(monkeypatch, ScriptedEngine(error=EngineUnavailable("no reply in 60 s")))
     with pytest.raises(TaskFailed, match="engine serve"):
+        await agent.on_task(TASK)
+
+
+async def test_without_an_engine_in_the_instance_a_task_fails_at_once(
+    coder: tuple[CoderAgent, list[m.TaskUpdate]], data: DataDir
+) -> None:
+    agent, _ = coder
+    endpoints = Endpoints(pub="ipc:///x", sub="ipc:///y", engine=None, broker_public_key="k")
+    write_atomic(data.endpoints_file, msgspec.json.encode(endpoints))
+    agent.data_dir = str(data.root)
+    with anyio.fail_after(5), pytest.raises(TaskFailed, match="without an engine"):
         await agent.on_task(TASK)
 
 
