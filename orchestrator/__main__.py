@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -19,10 +20,11 @@ from runtime.errors import ChorusError
 from runtime.lifeline import die_with_parent
 from runtime.paths import DataDir
 
+from .gating import GateConfig
 from .process import until_signalled
 
 
-async def serve(role: str, data: DataDir) -> None:
+async def serve(role: str, data: DataDir, gate: GateConfig) -> None:
     endpoints = data.read_endpoints()
     async with AsyncExitStack() as stack:
         bus = await stack.enter_async_context(Bus(role, endpoints, data.keys))
@@ -33,8 +35,9 @@ async def serve(role: str, data: DataDir) -> None:
             )
         if role == "controller":
             from .controller import Controller
+            from .gating import Gate
 
-            worker = Controller(bus, data, engine).run
+            worker = Controller(bus, data, engine, gate=Gate(time.monotonic, gate)).run
         else:
             from .narrator import Narrator
 
@@ -85,6 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--conversation", action="append", default=[], help="summarize: only these (repeatable)"
     )
     parser.add_argument("--data-dir", type=Path, default=None)
+    defaults = GateConfig()
+    for flag, value, what in (
+        ("--min-gap-s", defaults.min_gap_s, "seconds between two progress updates"),
+        ("--idle-s", defaults.idle_s, "silence while tasks run before a progress update"),
+        ("--coalesce-s", defaults.coalesce_s, "events this close are told together"),
+    ):
+        parser.add_argument(flag, type=float, default=value, help=f"controller: {what}")
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--log-json", action="store_true")
     args = parser.parse_args(argv)
@@ -100,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             anyio.run(summarize_now, data, args.conversation)
             return 0
         data.wait_for_endpoints()
-        anyio.run(serve, args.role, data)
+        gate = GateConfig(min_gap_s=args.min_gap_s, idle_s=args.idle_s, coalesce_s=args.coalesce_s)
+        anyio.run(serve, args.role, data, gate)
     except ChorusError as exc:
         if args.debug:
             raise

@@ -299,9 +299,11 @@ def _flags(*pairs: tuple[str, object]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def child_flags(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The broker's and the engine's flags for ``settings`` (``default_specs`` adds the
-    data directory and the log options every child gets)."""
+def child_flags(
+    settings: Settings,
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The broker's, the engine's and the controller's flags for ``settings``
+    (``default_specs`` adds the data directory and the log options every child gets)."""
     broker = _flags(
         ("--bind", settings.bind),
         ("--allow-remote", settings.allow_remote and settings.bind is not None),
@@ -318,7 +320,12 @@ def child_flags(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
         ("--threads", settings.engine_threads),
         ("--idle-s", settings.engine_idle_s),
     )
-    return broker, engine
+    controller = _flags(
+        ("--min-gap-s", settings.gate_min_gap_s),
+        ("--idle-s", settings.gate_idle_s),
+        ("--coalesce-s", settings.gate_coalesce_s),
+    )
+    return broker, engine, controller
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -334,7 +341,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         from .broker import check_bind
 
         check_bind(settings.bind, settings.allow_remote)
-    broker_args, engine_args = child_flags(settings)
+    broker_args, engine_args, controller_args = child_flags(settings)
 
     exit_code = [0]
 
@@ -362,6 +369,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
             engine=settings.engine,
             broker_args=broker_args,
             engine_args=engine_args,
+            controller_args=controller_args,
         )
         supervisor = Supervisor(data, specs, on_ready=ready if not args.ask else None)
         gateway = None

@@ -100,6 +100,15 @@ class Settings(BaseSettings):
     gateway_max_body: int = Field(
         DEFAULT_MAX_BODY, ge=1, description="largest request body the gateway takes, in bytes"
     )
+    gate_min_gap_s: float = Field(
+        4.0, gt=0, description="seconds between two progress updates to the user"
+    )
+    gate_idle_s: float = Field(
+        8.0, gt=0, description="seconds of silence while tasks run before a progress update"
+    )
+    gate_coalesce_s: float = Field(
+        0.3, ge=0, description="agent events this close together are told in one utterance"
+    )
     debug: bool = Field(False, description="verbose logs and tracebacks")
     log_json: bool = Field(
         False, description="log JSON lines to data/logs/process/ instead of the console"

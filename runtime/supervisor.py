@@ -89,6 +89,7 @@ def default_specs(
     orchestration: bool = True,
     broker_args: tuple[str, ...] = (),
     engine_args: tuple[str, ...] = (),
+    controller_args: tuple[str, ...] = (),
 ) -> list[ChildSpec]:
     """The children of a full launch, in start order (``engine=False`` leaves it out)."""
     common = ["--data-dir", str(data.root), "--log-json", *(["--debug"] if debug else [])]
@@ -106,10 +107,9 @@ def default_specs(
     elif engine:
         log.info("engine_skipped", reason="the engine server is not in this build")
     if orchestration:
-        for role in ("controller", "narrator"):
-            specs.append(
-                ChildSpec(role, python_argv("-m", "orchestrator", role, *common), "heartbeat")
-            )
+        for role, extra in (("controller", controller_args), ("narrator", ())):
+            argv = python_argv("-m", "orchestrator", role, *common, *extra)
+            specs.append(ChildSpec(role, argv, "heartbeat"))
     for name, impl in (DEFAULT_AGENTS if agents is None else agents).items():
         argv = python_argv(
             "-m", "runtime", "agent", name, "--connect", str(data.root), "--impl", impl, *common[2:]

@@ -127,8 +127,9 @@ def test_launch_hands_the_settings_to_the_broker_and_engine_as_flags(
     monkeypatch.setenv("CHORUS_MAX_BYTES", "2048")
     monkeypatch.setenv("CHORUS_LOG_REDACT", "true")
     monkeypatch.setenv("CHORUS_ENGINE_THREADS", "2")
+    monkeypatch.setenv("CHORUS_GATE_IDLE_S", "5")
     settings = _parse("launch", "--window", "300", "--device", "cpu")
-    broker, engine = cli.child_flags(settings)
+    broker, engine, controller = cli.child_flags(settings)
     assert broker == (
         "--max-bytes", "2048", "--log-retain-days", "14.0", "--log-retain-mb", "1024.0", "--log-redact",
     )  # fmt: skip
@@ -140,6 +141,11 @@ def test_launch_hands_the_settings_to_the_broker_and_engine_as_flags(
     from engine.__main__ import build_parser as engine_parser
 
     engine_parser().parse_args(["serve", *engine])
+    assert controller == ("--min-gap-s", "4.0", "--idle-s", "5.0", "--coalesce-s", "0.3")
+    from orchestrator.__main__ import main as orchestrator_main
+
+    with pytest.raises(SystemExit):  # parses every flag, then --help ends it
+        orchestrator_main(["controller", *controller, "--help"])
 
 
 def test_every_flag_mapped_to_a_setting_exists_on_launch_or_serve() -> None:
