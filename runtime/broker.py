@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import queue
 import sys
 import threading
 import time
@@ -32,7 +31,7 @@ import msgspec
 import structlog
 import zmq
 
-from orchestrator.log.writer import LogWriter
+from orchestrator.log.process import LogProcess
 
 from . import acl
 from . import messages as m
@@ -103,15 +102,10 @@ class Broker:
         self._stop_lock = threading.Lock()
         self._ipc_files: list[Path] = []
         self._acl_cache: dict[tuple[str, str, type[m.Body]], tuple[str, str] | None] = {}
-        # a storage error in the log writer's threads becomes a Fault on event.broker,
-        # published by the forwarding loop (sockets belong to one thread)
-        self._faults: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._writer = LogWriter(
-            data.logs,
-            retain_days=log_retain_days,
-            retain_mb=log_retain_mb,
-            redact=log_redact,
-            on_fault=self._on_storage_fault,
+        # the bus log is written by a process of its own (orchestrator/log/process.py):
+        # its encoding and disk writes must not take this loop's CPU or GIL
+        self._log = LogProcess(
+            data, retain_days=log_retain_days, retain_mb=log_retain_mb, redact=log_redact
         )
         self.endpoints: Endpoints | None = None
 
@@ -137,7 +131,7 @@ class Broker:
         self._auth.start()
         xsub = self._ctx.socket(zmq.XSUB)
         xpub = self._ctx.socket(zmq.XPUB)
-        stop = self._ctx.socket(zmq.PULL)  # wake-ups: stop, or a storage fault to report
+        stop = self._ctx.socket(zmq.PULL)  # wake-up to stop
         pub_ep, sub_ep = self._endpoints_for()
         try:
             for sock in (xsub, xpub):
@@ -151,7 +145,7 @@ class Broker:
                 sock.bind(ep)
             stop.bind(self._stop_endpoint)
             xsub.send(b"\x01")  # receive every topic; the ACL decides, not the filter
-            self._writer.start()
+            log_sock = self._log.start(self._ctx)
             self.endpoints = Endpoints(
                 pub=pub_ep,
                 sub=sub_ep,
@@ -161,12 +155,12 @@ class Broker:
             )
             write_atomic(self.data.endpoints_file, msgspec.json.encode(self.endpoints))
             log.info("broker_ready", pub=pub_ep, sub=sub_ep)
-            self._serve(xsub, xpub, stop)
+            self._serve(xsub, xpub, stop, log_sock)
         finally:
             for sock in (xsub, xpub, stop):
                 sock.close(linger=0)
             self._auth.stop()
-            self._writer.close()
+            self._log.close()
             self._ctx.term()
             self.data.endpoints_file.unlink(missing_ok=True)
             for path in self._ipc_files:
@@ -175,18 +169,11 @@ class Broker:
 
     def stop(self) -> None:
         """Ask the forwarding loop to end (thread-safe)."""
-        self._wake(b"stop")
-
-    def _on_storage_fault(self, message: str) -> None:
-        self._faults.put(message)
-        self._wake(b"fault")
-
-    def _wake(self, why: bytes) -> None:
         with self._stop_lock:
             sock = self._ctx.socket(zmq.PUSH)
             try:
                 sock.connect(self._stop_endpoint)
-                sock.send(why)
+                sock.send(b"stop")
             finally:
                 sock.close(linger=1000)
 
@@ -196,18 +183,36 @@ class Broker:
             path.unlink(missing_ok=True)
             self._ipc_files.append(path)
 
-    def _serve(self, xsub: zmq.Socket[Any], xpub: zmq.Socket[Any], stop: zmq.Socket[Any]) -> None:
+    def _serve(
+        self,
+        xsub: zmq.Socket[Any],
+        xpub: zmq.Socket[Any],
+        stop: zmq.Socket[Any],
+        log_sock: zmq.Socket[Any],
+    ) -> None:
         poller = zmq.Poller()
-        poller.register(xsub, zmq.POLLIN)
-        poller.register(xpub, zmq.POLLIN)
-        poller.register(stop, zmq.POLLIN)
+        for sock in (xsub, xpub, stop, log_sock):
+            poller.register(sock, zmq.POLLIN)
+        check_log_at = time.monotonic() + 1.0
         while True:
-            ready = dict(poller.poll())
+            ready = dict(poller.poll(1000))
             if stop in ready:
-                if stop.recv() == b"stop":
-                    return
-                while not self._faults.empty():
-                    fault = m.Fault(kind="storage_error", message=self._faults.get())
+                return
+            now = time.monotonic()
+            if now >= check_log_at:  # once a second, whatever the traffic
+                check_log_at = now + 1.0
+                if (code := self._log.died()) is not None:
+                    # the log's process died (it dies with us, not we with it): another
+                    poller.unregister(log_sock)
+                    log_sock = self._log.restart(self._ctx)
+                    poller.register(log_sock, zmq.POLLIN)
+                    why = f"the bus log writer exited with code {code} and was restarted; what it had not written is lost"
+                    log.error("log_writer_restarted", code=code)
+                    fault = m.Fault(kind="storage_error", message=why)
+                    self._report(xpub, "event.broker", fault)
+            if log_sock in ready:
+                for message in self._log.receive():
+                    fault = m.Fault(kind="storage_error", message=message)
                     self._report(xpub, "event.broker", fault)
             if xpub in ready:
                 self._drain_subscriptions(xpub)
@@ -241,7 +246,7 @@ class Broker:
             if acl.may_read(identity, prefix):
                 xpub.setsockopt(zmq.SUBSCRIBE, data[1:])
                 self.stats.subscriptions += 1
-                failing = self._writer.failing
+                failing = self._log.failing
                 if failing and "event.broker".startswith(prefix):
                     # a process that starts while the log cannot be written hears so too
                     fault = m.Fault(kind="storage_error", message=failing)
@@ -294,7 +299,7 @@ class Broker:
         xpub.send(frames[0], _SNDMORE, copy=False)
         xpub.send(frames[1], 0, copy=False)
         self.stats.forwarded += 1
-        self._writer.append(envelope)
+        self._to_log(xpub, payload)
 
     def _verdict(self, identity: str, topic: str, body: type[m.Body]) -> tuple[str, str] | None:
         """The ACL and topic/body checks, cached: both depend only on these three."""
@@ -331,8 +336,16 @@ class Broker:
 
     def _report(self, xpub: zmq.Socket[Any], topic: str, body: m.Body) -> None:
         envelope = self._stamper.stamp(topic, body)
-        xpub.send_multipart([topic.encode(), m.encode(envelope)])
-        self._writer.append(envelope)
+        payload = m.encode(envelope)
+        xpub.send_multipart([topic.encode(), payload])
+        self._to_log(xpub, payload)
+
+    def _to_log(self, xpub: zmq.Socket[Any], payload: bytes | memoryview) -> None:
+        if self._log.append(payload) or self._log.dropped % 10_000 != 1:
+            return
+        why = f"the bus log writer is a million envelopes behind or gone; {self._log.dropped} not logged"
+        log.error("log_writer_behind", dropped=self._log.dropped)
+        self._report(xpub, "event.broker", m.Fault(kind="storage_error", message=why))
 
 
 def serve(data: DataDir, **options: Any) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import anyio
 import msgspec
+import psutil
 import pytest
 import zmq
 import zmq.asyncio
@@ -335,3 +336,36 @@ async def test_a_log_that_cannot_be_written_is_reported_as_a_storage_fault(data:
                 await next_matching(configs, lambda e: e.topic == "sys.config")
     finally:
         assert b.stop() == 0
+
+
+def logged_ids(data: DataDir) -> set[str]:
+    return {
+        json.loads(line)["id"]
+        for f in data.logs.glob("*.jsonl")
+        for line in f.read_text().splitlines()
+        if line.strip()
+    }
+
+
+async def test_the_log_writer_has_its_own_process_and_is_restarted_if_it_dies(
+    data: DataDir, broker: BrokerProcess
+) -> None:
+    assert broker.proc is not None
+    [writer] = [
+        p
+        for p in psutil.Process(broker.proc.pid).children()
+        if "orchestrator.log.process" in " ".join(p.cmdline())
+    ]
+    ep = data.read_endpoints()
+    async with Bus("monitor", ep, data.keys) as mon, Bus("coder", ep, data.keys) as coder:
+        with mon.subscribe("event.") as events:
+            await settle()
+            writer.kill()
+            env = await next_matching(events, lambda e: isinstance(e.body, m.Fault), timeout=15)
+            assert env.sender == "broker" and isinstance(env.body, m.Fault)
+            assert env.body.kind == "storage_error" and "restarted" in env.body.message
+            sent = await coder.publish("event.coder", m.Note(name="after the restart"))
+            await next_matching(events, lambda e: e.id == sent.id)  # still forwarding
+    with anyio.fail_after(10):
+        while sent.id not in logged_ids(data):  # noqa: ASYNC110
+            await anyio.sleep(0.1)
