@@ -209,11 +209,15 @@ class CoderAgent(Agent):
         raise TaskFailed(f"no working program after 2 attempts; the last one: {error}")
 
     def _has_engine(self) -> bool:
-        """False only when the running instance says it has no engine."""
+        """False only when the running instance names no engine and no engine socket
+        exists either (an engine may run beside a broker that does not name it)."""
+        data = DataDir.at(self.data_dir)
         try:
-            return DataDir.at(self.data_dir).read_endpoints().engine is not None
+            if data.read_endpoints().engine is not None:
+                return True
         except (OSError, ValueError):  # no instance file to ask: let the client find out
             return True
+        return Path(data.ipc("engine").removeprefix("ipc://")).exists()
 
     @staticmethod
     def _result(code: str, result: SandboxResult, attempts: int) -> TaskResult:

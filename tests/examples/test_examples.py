@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -70,13 +72,20 @@ async def test_embedded_app_runs_chorus_and_a_plain_monitor_watches_it(tmp_path:
             text=True,
         )
         assert monitor.stdout is not None
+        # one reader thread for the monitor's whole output: a blocked readline cannot be
+        # cancelled, so the test waits on a queue with a timeout instead
+        lines: queue.Queue[str] = queue.Queue()
+        out = monitor.stdout
+        threading.Thread(target=lambda: [lines.put(x) for x in out], daemon=True).start()
         async with Bus("coder", data.read_endpoints(), data.keys) as coder:
-            with anyio.fail_after(30):
+            with anyio.fail_after(60):
                 line = ""
                 while "hello-monitor" not in line:
                     await coder.publish("event.coder", m.Note(name="hello-monitor"))
-                    with anyio.move_on_after(0.5):
-                        line = await anyio.to_thread.run_sync(monitor.stdout.readline)
+                    try:
+                        line = await anyio.to_thread.run_sync(lambda: lines.get(timeout=0.5))
+                    except queue.Empty:
+                        line = ""
         assert "event.coder" in line and "Note" in line
     finally:
         if monitor is not None:
