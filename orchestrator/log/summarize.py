@@ -162,9 +162,10 @@ def collect(log_dir: Path, conversation: str, after: Sidecar) -> NewMaterial:
             line.outcome = " ".join(body.message.split())[:200]
             tasks[body.task] = line
     covered = envelopes[:cut]
+    covered_tasks = {e.task for e in covered}
     return NewMaterial(
         turns=[turn for start, turn in sorted(positioned, key=lambda p: p[0]) if start < cut],
-        tasks={k: v for k, v in tasks.items() if any(e.task == k for e in covered)},
+        tasks={k: v for k, v in tasks.items() if k in covered_tasks},
         last_id=covered[-1].id if covered else after.last_id,
         last_ts=covered[-1].ts if covered else after.last_ts,
     )
