@@ -268,7 +268,7 @@ def copy_bandwidth_gb_s(repeats: int = 5) -> float:
 
 def weight_bytes(model: Model) -> int:
     """Bytes of every distinct weight tensor a decode step reads (tied tensors once)."""
-    tensors = [model.lm_head, model.norm]
+    tensors = [model.lm_head]  # the norms' weights are folded into the matmuls
     for layer in model.layers:
         tensors += [t for t in vars(layer).values() if isinstance(t, torch.Tensor)]
     distinct = {t.data_ptr(): t for t in tensors}

@@ -118,40 +118,23 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return inv_freq.double()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama RMSNorm, computed in fp32 like transformers."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op, same arithmetic
+def normalize(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Llama's RMSNorm without its weight and its sqrt(dim), both folded into the matmul
+    that follows (see `Model`): x / sqrt(|x|^2 + dim * eps), in fp32 like transformers.
+
+    x: [N, dim]; floor: sqrt(dim * eps), 0-dim. Three small ops instead of RMSNorm's six:
+    a decode step normalises 61 times, and at one row per call the op count is the cost.
+    """
     x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    out = x32 / torch.hypot(torch.linalg.vector_norm(x32, dim=-1, keepdim=True), floor)
+    return out.to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE (rotate-half layout). x: [N, H, D], cos/sin: [N, D]."""
-    return x * cos[:, None] + half_turn(x) * sin[:, None]
-
-
-def half_turn(x: torch.Tensor) -> torch.Tensor:
-    """The rotate-half partner of x: [-x2, x1] (shared by the two rotations of a query)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rotate_query(
-    q: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    cos_m: torch.Tensor,
-    sin_m: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The query rotated to its stream position (for window keys) and to its in-cache
-    position (for sink keys), sharing one half-turn. q: [N, H, D], cos/sin: [N, D]."""
-    turned = half_turn(q)
-    return (
-        q * cos[:, None] + turned * sin[:, None],
-        q * cos_m[:, None] + turned * sin_m[:, None],
-    )
+    """Apply RoPE (rotate-half layout). x: [N, H, D]; cos, sin: [N, D] from `Model.rope`,
+    whose `sin` carries rotate-half's sign (-sin on the first half), so the partner
+    [-x2, x1] * sin is a plain `roll`: x * cos + roll(x) * sin."""
+    return torch.addcmul(x * cos[:, None], x.roll(x.shape[-1] // 2, -1), sin[:, None])
 
 
 def attend(
@@ -171,7 +154,7 @@ def attend(
     scores = torch.bmm(q_window, keys.transpose(1, 2))  # [Hkv, G*C, N]
     if n_sink:
         scores[..., :n_sink] = torch.bmm(q_sink, keys[:, :n_sink].transpose(1, 2))
-    scores = scores.float().mul_(q_window.shape[-1] ** -0.5)  # softmax in fp32 also under bf16
+    scores = scores.float()  # softmax in fp32 also under bf16; 1/sqrt(D) is in the weights
     if mask is not None:
         scores.view(scores.shape[0], -1, *mask.shape).masked_fill_(~mask, -math.inf)
     return torch.bmm(torch.softmax(scores, dim=-1).to(values.dtype), values)
@@ -182,26 +165,37 @@ def linear(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> tor
 
     A decode step multiplies one row by each weight matrix, so it is bound by reading
     the weights. On the CPU, BLAS reads an [in, out] matrix for ``x @ W`` markedly
-    faster than the [out, in] layout of ``F.linear`` (measured on this machine: about
-    1.3x over the layers, 1.7x on the 113 MB LM head; ``benchmarks/engine_throughput.py``).
+    faster than the [out, in] layout of ``F.linear`` (measured on this machine, one
+    thread: 1.4x for q/k/v, 1.7x for gate/up and the 113 MB LM head), except for the
+    MLP's down projection (in = 1536, out = 576), read 1.4x faster as [out, in]: that
+    one is passed as the transposed view of an [out, in] matrix.
     """
     return torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
+
+
+def linear_add(
+    residual: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """residual + x @ w_t (+ bias), the sum done inside the matmul when there is no bias."""
+    if bias is None:
+        return torch.addmm(residual, x, w_t)
+    return residual + torch.addmm(bias, x, w_t)
 
 
 @dataclass
 class Layer:
     """One transformer block's weights, transposed to [in, out] (see `linear`), with
-    q/k/v and gate/up fused for fewer matmuls."""
+    q/k/v and gate/up fused for fewer matmuls, and each RMSNorm's weight (times sqrt(dim))
+    folded into the rows of the matmul it feeds: (x / rms(x) * w) @ W = (x / rms(x)) @ (w W).
+    The query columns also carry attention's 1/sqrt(D)."""
 
-    attn_norm: torch.Tensor  # [dim]
     wqkv: torch.Tensor  # [dim, (Hq + 2 Hkv) * D]
     bqkv: torch.Tensor | None
     wo: torch.Tensor  # [Hq * D, dim]
     bo: torch.Tensor | None
-    mlp_norm: torch.Tensor  # [dim]
     w_gate_up: torch.Tensor  # [dim, 2 * hidden]
     b_gate_up: torch.Tensor | None
-    w_down: torch.Tensor  # [hidden, dim]
+    w_down: torch.Tensor  # [hidden, dim], a view of an [dim, hidden] matrix
     b_down: torch.Tensor | None
 
 
@@ -232,25 +226,39 @@ class Model:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.inv_freq = rope_frequencies(args)  # [D/2], fp64 on the CPU
 
-        def take(name: str) -> torch.Tensor:
+        def take(name: str) -> torch.Tensor:  # fp32 until placed: folding rounds once
             if name not in state:
                 raise ModelLoadError(f"weight {name} missing from the checkpoint")
-            return state[name].to(self.device, self.dtype)
+            return state[name].to(self.device, torch.float32)
 
-        def fuse(names: list[str]) -> torch.Tensor | None:
+        def place(w: torch.Tensor) -> torch.Tensor:
+            return w.to(self.dtype).contiguous()
+
+        def fuse(names: list[str], scale: torch.Tensor | None = None) -> torch.Tensor | None:
             present = [n in state for n in names]
             if not any(present):
                 return None
-            return torch.cat([take(n) for n in names])
+            bias = torch.cat([take(n) for n in names])
+            return place(bias if scale is None else bias * scale)
 
-        def take_t(names: list[str]) -> torch.Tensor:  # fused, then [in, out] for `linear`
-            return torch.cat([take(n) for n in names]).t().contiguous()
+        def take_t(names: list[str], norm: str | None = None) -> torch.Tensor:
+            """Fused, [in, out] for `linear`, with the RMSNorm `norm` folded into its rows."""
+            w = torch.cat([take(n) for n in names]).t()
+            if norm is not None:
+                w = w * (take(norm) * args.dim**0.5)[:, None]
+            return w
 
-        self.embed = take("model.embed_tokens.weight")  # [V, dim]
-        self.norm = take("model.norm.weight")  # [dim]
+        q_cols = args.n_heads * args.head_dim
+        # 1/sqrt(D) on the query columns: attention then needs no scaling op
+        q_scale = torch.ones((args.n_heads + 2 * args.n_kv_heads) * args.head_dim)
+        q_scale[:q_cols] = args.head_dim**-0.5
+        q_scale = q_scale.to(self.device)
+        self.norm_floor = torch.tensor((args.dim * args.norm_eps) ** 0.5, device=self.device)
+        self.embed = place(take("model.embed_tokens.weight"))  # [V, dim]
         tied = args.tie_embeddings or "lm_head.weight" not in state
         # tied or not, the head is its own [dim, V] copy: the layout `linear` reads fastest
-        self.lm_head = take_t(["model.embed_tokens.weight" if tied else "lm_head.weight"])
+        head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        self.lm_head = place(take_t([head], norm="model.norm.weight"))
         self.layers: list[Layer] = []
         for i in range(args.n_layers):
             p = f"model.layers.{i}."
@@ -258,17 +266,22 @@ class Model:
                 [p + f"self_attn.{n}_proj" for n in "qkv"],
                 [p + "mlp.gate_proj", p + "mlp.up_proj"],
             )
+            wqkv = take_t([n + ".weight" for n in attn], norm=p + "input_layernorm.weight")
             self.layers.append(
                 Layer(
-                    attn_norm=take(p + "input_layernorm.weight"),
-                    wqkv=take_t([n + ".weight" for n in attn]),
-                    bqkv=fuse([n + ".bias" for n in attn]),
-                    wo=take_t([p + "self_attn.o_proj.weight"]),
+                    wqkv=place(wqkv * q_scale),
+                    bqkv=fuse([n + ".bias" for n in attn], q_scale),
+                    wo=place(take_t([p + "self_attn.o_proj.weight"])),
                     bo=fuse([p + "self_attn.o_proj.bias"]),
-                    mlp_norm=take(p + "post_attention_layernorm.weight"),
-                    w_gate_up=take_t([n + ".weight" for n in mlp]),
+                    w_gate_up=place(
+                        take_t(
+                            [n + ".weight" for n in mlp], norm=p + "post_attention_layernorm.weight"
+                        )
+                    ),
                     b_gate_up=fuse([n + ".bias" for n in mlp]),
-                    w_down=take_t([p + "mlp.down_proj.weight"]),
+                    # stored [out, in] and used through a transposed view: for this tall,
+                    # narrow matrix BLAS reads that layout faster (see `linear`)
+                    w_down=place(take(p + "mlp.down_proj.weight")).t(),
                     b_down=fuse([p + "mlp.down_proj.bias"]),
                 )
             )
@@ -281,33 +294,46 @@ class Model:
         )
 
     def rope(self, positions: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin at (possibly huge) positions, with fp64 angles so T ~ 1e6 keeps precision. # [N, D]"""
+        """cos, sin at (possibly huge) positions, with fp64 angles so T ~ 1e6 keeps precision;
+        sin with rotate-half's sign on its first half (see `rotate`). # [N, D]"""
         angles = torch.as_tensor(positions, dtype=torch.float64)[:, None] * self.inv_freq
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(self.device, self.dtype), angles.sin().to(self.device, self.dtype)
+        sin = angles.sin()
+        cos = angles.cos().repeat(1, 2)
+        sin = torch.cat((-sin, sin), dim=-1)
+        return cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
 
     def project_qkv(
-        self, layer: Layer, x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normalise and project. x: [N, dim] -> q [N, Hq, D], k and v [N, Hkv, D]."""
-        a = self.args
-        qkv = linear(rms_norm(x, layer.attn_norm, a.norm_eps), layer.wqkv, layer.bqkv)
-        kv = a.n_kv_heads * a.head_dim
-        q, k, v = torch.split(qkv, [a.n_heads * a.head_dim, kv, kv], dim=-1)
-        n = x.shape[0]
-        return (
-            q.view(n, a.n_heads, a.head_dim),
-            k.view(n, a.n_kv_heads, a.head_dim),
-            v.view(n, a.n_kv_heads, a.head_dim),
-        )
+        self,
+        layer: Layer,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalise, project and rotate. x: [N, dim]; rope: cos, sin at the stream
+        positions T and at the query's in-cache positions m (see cache.py), [N, D] each.
+
+        Returns the query rotated by T (for window keys) and by m (for sink keys), [N, Hq, D],
+        the key rotated by T and the value, [N, Hkv, D]. Query and key heads are adjacent
+        columns, so one `roll` and one rotation serve both.
+        """
+        a, n = self.args, x.shape[0]
+        cos, sin, cos_m, sin_m = rope
+        qkv = linear(normalize(x, self.norm_floor), layer.wqkv, layer.bqkv)
+        qk_cols = (a.n_heads + a.n_kv_heads) * a.head_dim
+        qk = qkv[:, :qk_cols].view(n, -1, a.head_dim)  # [N, Hq + Hkv, D]
+        turned = qk.roll(a.head_dim // 2, -1)
+        qk = torch.addcmul(qk * cos[:, None], turned, sin[:, None])
+        q = qkv[:, : a.n_heads * a.head_dim].view(n, a.n_heads, a.head_dim)
+        q_sink = torch.addcmul(q * cos_m[:, None], turned[:, : a.n_heads], sin_m[:, None])
+        v = qkv[:, qk_cols:].view(n, a.n_kv_heads, a.head_dim)
+        return qk[:, : a.n_heads], q_sink, qk[:, a.n_heads :], v
 
     def finish_layer(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, SiLU MLP, residual. x, attn: [N, dim] / [N, Hq * D]."""
-        x = x + linear(attn, layer.wo, layer.bo)
-        gate, up = linear(
-            rms_norm(x, layer.mlp_norm, self.args.norm_eps), layer.w_gate_up, layer.b_gate_up
-        ).chunk(2, dim=-1)
-        return x + linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+        x = linear_add(x, attn, layer.wo, layer.bo)
+        gate, up = linear(normalize(x, self.norm_floor), layer.w_gate_up, layer.b_gate_up).chunk(
+            2, dim=-1
+        )
+        return linear_add(x, F.silu(gate) * up, layer.w_down, layer.b_down)
 
     def group(self, q: torch.Tensor) -> torch.Tensor:
         """[C, Hq, D] -> [Hkv, G*C, D]: query heads grouped by the kv head they share (GQA)."""
@@ -320,7 +346,7 @@ class Model:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head, in fp32. x: [N, dim] -> [N, V]."""
-        return linear(rms_norm(x, self.norm, self.args.norm_eps), self.lm_head, None).float()
+        return linear(normalize(x, self.norm_floor), self.lm_head, None).float()
 
     @torch.inference_mode()
     def decode(
@@ -334,14 +360,14 @@ class Model:
         if tokens.shape[0] != len(caches) or len({id(c) for c in caches}) != len(caches):
             raise ValueError("decode needs exactly one token per session and distinct caches")
         a, n = self.args, len(caches)
-        cos, sin = self.rope([c.tokens_seen for c in caches])  # [B, D] at T
-        cos_m, sin_m = self.rope([c.query_position(c.tokens_seen) for c in caches])  # at m
+        rope = (
+            *self.rope([c.tokens_seen for c in caches]),  # [B, D] at T
+            *self.rope([c.query_position(c.tokens_seen) for c in caches]),  # at m
+        )
         x = F.embedding(tokens, self.embed)  # [B, dim]
         attn = torch.empty(n, a.n_heads * a.head_dim, device=self.device, dtype=self.dtype)
         for i, layer in enumerate(self.layers):
-            q, k, v = self.project_qkv(layer, x)
-            q_window, q_sink = rotate_query(q, cos, sin, cos_m, sin_m)
-            k = rotate(k, cos, sin)
+            q_window, q_sink, k, v = self.project_qkv(layer, x, rope)
             for b, cache in enumerate(caches):
                 cache.update(i, k[b, :, None], v[b, :, None])  # [Hkv, 1, D], in place
                 keys, values = cache.fetch(i, pending=1)  # [Hkv, n, D]
@@ -396,8 +422,7 @@ class Model:
         """Run C tokens of one session through every layer; return hidden states [C, dim]."""
         a, c, t0 = self.args, tokens.shape[0], cache.tokens_seen
         t = torch.arange(t0, t0 + c)  # [C] stream indices of the queries
-        cos, sin = self.rope(t)
-        cos_m, sin_m = self.rope([cache.query_position(int(i)) for i in t])
+        rope = (*self.rope(t), *self.rope([cache.query_position(int(i)) for i in t]))
         # Key j is visible to query i if causal and still kept when i arrives (a sink or in i's window).
         key_t = torch.cat((cache.positions().cpu(), t))  # [N + C]
         visible = (key_t[None] <= t[:, None]) & (
@@ -406,9 +431,7 @@ class Model:
         mask = visible.to(self.device)  # [C, N + C]
         x = F.embedding(tokens, self.embed)  # [C, dim]
         for i, layer in enumerate(self.layers):
-            q, k, v = self.project_qkv(layer, x)
-            q_window, q_sink = rotate_query(q, cos, sin, cos_m, sin_m)
-            k = rotate(k, cos, sin)
+            q_window, q_sink, k, v = self.project_qkv(layer, x, rope)
             k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, C, D]
             cached_k, cached_v = cache.fetch(i)  # [Hkv, N, D]
             out = attend(
