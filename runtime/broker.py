@@ -46,6 +46,10 @@ DEFAULT_MAX_BYTES = 1 << 20
 # plain ints: pyzmq's flag enums cost microseconds per call on the hot path
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 SWITCH_INTERVAL_S = 0.0005
+# After a crash, subscribers get this long to reconnect and re-subscribe before what
+# publishers queued during the outage is forwarded (their reconnect interval is 1 s at
+# most); otherwise it would reach nobody.
+RESUBSCRIBE_S = 2.0
 
 
 def check_bind(endpoint: str, allow_remote: bool) -> None:
@@ -133,6 +137,7 @@ class Broker:
         xpub = self._ctx.socket(zmq.XPUB)
         stop = self._ctx.socket(zmq.PULL)  # wake-up to stop
         pub_ep, sub_ep = self._endpoints_for()
+        restarted = self.data.endpoints_file.exists()  # a broker died here without cleaning up
         try:
             for sock in (xsub, xpub):
                 curve_server(sock, self.data.keys, "broker")
@@ -155,7 +160,7 @@ class Broker:
             )
             write_atomic(self.data.endpoints_file, msgspec.json.encode(self.endpoints))
             log.info("broker_ready", pub=pub_ep, sub=sub_ep)
-            self._serve(xsub, xpub, stop, log_sock)
+            self._serve(xsub, xpub, stop, log_sock, hold_s=RESUBSCRIBE_S if restarted else 0.0)
         finally:
             for sock in (xsub, xpub, stop):
                 sock.close(linger=0)
@@ -189,16 +194,31 @@ class Broker:
         xpub: zmq.Socket[Any],
         stop: zmq.Socket[Any],
         log_sock: zmq.Socket[Any],
+        hold_s: float = 0.0,
     ) -> None:
+        """Forward until stopped; publishers are read only after ``hold_s`` (subscribers
+        are served from the start)."""
         poller = zmq.Poller()
-        for sock in (xsub, xpub, stop, log_sock):
+        for sock in (xpub, stop, log_sock):
             poller.register(sock, zmq.POLLIN)
+        hold_until = time.monotonic() + hold_s if hold_s > 0 else 0.0
+        if not hold_until:
+            poller.register(xsub, zmq.POLLIN)
+        else:
+            log.info("broker_holding", seconds=hold_s, reason="restarted: subscribers first")
         check_log_at = time.monotonic() + 1.0
+        dropped_reported = 0
         while True:
-            ready = dict(poller.poll(1000))
+            wait = self._log.wait_s(time.monotonic())
+            if hold_until:
+                wait = max(0.0, min(1.0 if wait is None else wait, hold_until - time.monotonic()))
+            ready = dict(poller.poll(1000 if wait is None else wait * 1000))
             if stop in ready:
                 return
             now = time.monotonic()
+            if hold_until and now >= hold_until:
+                hold_until = 0.0
+                poller.register(xsub, zmq.POLLIN)
             if now >= check_log_at:  # once a second, whatever the traffic
                 check_log_at = now + 1.0
                 if (code := self._log.died()) is not None:
@@ -228,6 +248,13 @@ class Broker:
                     while frames[-1].more:
                         frames.append(xsub.recv(0, copy=False))
                     self._on_publish(frames, xpub)
+            if self._log.wait_s(time.monotonic()) == 0.0 and self._log.flush():
+                if self._log.dropped >= dropped_reported + 10_000 or not dropped_reported:
+                    # the first loss, then one report per 10,000 more
+                    dropped_reported = self._log.dropped
+                    why = f"the bus log writer is far behind or gone; {self._log.dropped} envelopes not logged"
+                    log.error("log_writer_behind", dropped=self._log.dropped)
+                    self._report(xpub, "event.broker", m.Fault(kind="storage_error", message=why))
 
     def _drain_subscriptions(self, xpub: zmq.Socket[Any]) -> None:
         while True:
@@ -299,7 +326,7 @@ class Broker:
         xpub.send(frames[0], _SNDMORE, copy=False)
         xpub.send(frames[1], 0, copy=False)
         self.stats.forwarded += 1
-        self._to_log(xpub, payload)
+        self._log.append(payload, time.monotonic())
 
     def _verdict(self, identity: str, topic: str, body: type[m.Body]) -> tuple[str, str] | None:
         """The ACL and topic/body checks, cached: both depend only on these three."""
@@ -338,14 +365,7 @@ class Broker:
         envelope = self._stamper.stamp(topic, body)
         payload = m.encode(envelope)
         xpub.send_multipart([topic.encode(), payload])
-        self._to_log(xpub, payload)
-
-    def _to_log(self, xpub: zmq.Socket[Any], payload: bytes | memoryview) -> None:
-        if self._log.append(payload) or self._log.dropped % 10_000 != 1:
-            return
-        why = f"the bus log writer is a million envelopes behind or gone; {self._log.dropped} not logged"
-        log.error("log_writer_behind", dropped=self._log.dropped)
-        self._report(xpub, "event.broker", m.Fault(kind="storage_error", message=why))
+        self._log.append(payload, time.monotonic())
 
 
 def serve(data: DataDir, **options: Any) -> None:
