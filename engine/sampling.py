@@ -1,4 +1,5 @@
-"""Choosing the next token: temperature / top-k / top-p sampling, stop strings, choices.
+"""Choosing the next token: temperature / top-k / top-p sampling, stop strings, choices,
+and output constrained to a JSON Schema (through llguidance's token masks).
 
 A `Sampler` serves one request: `pick` chooses a token from logits, `accept` records it
 and returns the text that is now safe to show (text that might be the start of a stop
@@ -7,14 +8,16 @@ string is held back until it is known not to be).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 if TYPE_CHECKING:
     import torch
+    from llguidance import LLMatcher, LLTokenizer
     from transformers import PreTrainedTokenizerBase
 
 FinishReason = Literal["stop", "length"]
@@ -30,12 +33,50 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True):
     max_tokens: int = 256
     stop: list[str] = []  # generation ends before the first occurrence of any of these
     choices: list[str] = []  # if set, the output is exactly one of these strings
+    json_schema: dict[str, Any] | None = None  # if set, the output is JSON valid against it
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
         if self.max_tokens < 1 or any(not s for s in self.stop) or any(not c for c in self.choices):
             raise ValueError("need max_tokens >= 1 and non-empty stop strings and choices")
+        if self.choices and self.json_schema is not None:
+            raise ValueError("give choices or json_schema, not both")
+
+
+class SchemaError(ValueError):
+    """A ``json_schema`` that cannot constrain decoding (invalid, or a feature not supported)."""
+
+
+_grammar_tokenizers: dict[tuple[int, tuple[int, ...]], LLTokenizer] = {}
+
+
+def grammar_tokenizer(tokenizer: PreTrainedTokenizerBase, stop_ids: Collection[int]) -> LLTokenizer:
+    """llguidance's view of ``tokenizer`` (built once per tokenizer: it takes about a second)."""
+    from llguidance.hf import from_tokenizer
+
+    key = (id(tokenizer), tuple(sorted(stop_ids)))
+    if key not in _grammar_tokenizers:
+        _grammar_tokenizers[key] = from_tokenizer(tokenizer, eos_token=list(key[1]) or None)  # type: ignore[arg-type]
+    return _grammar_tokenizers[key]
+
+
+def schema_matcher(
+    schema: dict[str, Any], tokenizer: PreTrainedTokenizerBase, stop_ids: Collection[int]
+) -> LLMatcher:
+    """A matcher that allows exactly the token sequences spelling JSON valid against ``schema``."""
+    from llguidance import LLMatcher
+
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(
+            json.dumps(schema), defaults={"whitespace_flexible": False}
+        )
+    except (TypeError, ValueError) as exc:
+        raise SchemaError(f"json_schema is not usable: {exc}") from None
+    matcher = LLMatcher(grammar_tokenizer(tokenizer, stop_ids), grammar, log_level=0)
+    if matcher.is_error():
+        raise SchemaError(f"json_schema is not usable: {matcher.get_error()}")
+    return matcher
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
@@ -78,6 +119,11 @@ class Sampler:
         self._choices = {
             tuple(tokenizer.encode(c, add_special_tokens=False)) for c in params.choices
         }
+        self._schema = (
+            None
+            if params.json_schema is None
+            else schema_matcher(params.json_schema, tokenizer, self.stop_ids)
+        )
 
     @property
     def text(self) -> str:
@@ -104,6 +150,13 @@ class Sampler:
             masked = torch.full_like(scores, -math.inf)
             masked[allowed] = scores[allowed]
             scores = masked
+        elif self._schema is not None:
+            # one byte per token of the grammar's vocabulary, 0 = not allowed
+            bias = torch.frombuffer(bytearray(self._schema.compute_logit_bias()), dtype=torch.uint8)
+            allowed_ids = torch.zeros(scores.numel(), dtype=torch.bool)
+            n = min(bias.numel(), scores.numel())
+            allowed_ids[:n] = bias[:n] != 0
+            scores = scores.masked_fill(~allowed_ids, -math.inf)
         if p.temperature == 0:
             return int(scores.argmax())
         scores = scores / p.temperature
@@ -125,6 +178,9 @@ class Sampler:
         if not ended:
             self.tokens.append(token)
             ended = tuple(self.tokens) in self._choices and not self._extendable()
+            if self._schema is not None:
+                self._schema.consume_token(token)
+                ended = self._schema.is_stopped()  # complete, and nothing may follow
         reason: FinishReason | None = "stop" if ended else None
         if reason is None and len(self.tokens) >= self.params.max_tokens:
             reason = "length"

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from engine import Model, Sampler, SamplingParams
+from engine.sampling import SchemaError
 
 
 def random_logits(n: int, vocab: int, seed: int = 0) -> list[torch.Tensor]:
@@ -197,3 +198,80 @@ def test_real_model_greedy_generation_stops_on_a_stop_string(real: tuple[Model, 
         logits = model.decode_one_token(token, cache)
     assert sampler.finish_reason == "stop"
     assert text == "The capital of France is "
+
+
+ROUTE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "agent": {"enum": ["coder", "search", "rag"]},
+        "steps": {"type": "integer", "minimum": 0, "maximum": 9},
+        "done": {"type": "boolean"},
+    },
+    "required": ["agent", "steps", "done"],
+    "additionalProperties": False,
+}
+
+
+def valid_route(text: str) -> bool:
+    value = msgspec.json.decode(text)
+    return (
+        set(value) == {"agent", "steps", "done"}
+        and value["agent"] in ("coder", "search", "rag")
+        and type(value["steps"]) is int
+        and 0 <= value["steps"] <= 9
+        and type(value["done"]) is bool
+    )
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_json_schema_output_is_valid_whatever_the_logits(
+    tiny_tokenizer: PreTrainedTokenizerFast, seed: int
+) -> None:
+    """Random logits would spell anything; the mask leaves only schema-valid JSON."""
+    sampler = Sampler(
+        SamplingParams(seed=seed, max_tokens=200, json_schema=ROUTE_SCHEMA), tiny_tokenizer
+    )
+    text = generate(sampler, random_logits(200, 320, seed))
+    assert sampler.finish_reason == "stop"
+    assert valid_route(text), text
+
+
+def test_json_schema_greedy_follows_the_logits_inside_the_mask(
+    tiny_tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    """Greedy under a schema picks the best allowed token, not just any allowed one."""
+    sampler = Sampler(SamplingParams(temperature=0, json_schema=ROUTE_SCHEMA), tiny_tokenizer)
+    logits = torch.zeros(320)
+    first = sampler.pick(logits)
+    assert tiny_tokenizer.decode([first]).startswith("{")
+    favoured = torch.zeros(320)
+    favoured[first] = -5.0  # the only allowed tokens are '{'-led: still picked, being allowed
+    assert sampler.pick(favoured) == first
+
+
+def test_choices_and_json_schema_together_are_refused() -> None:
+    with pytest.raises(msgspec.ValidationError, match="not both"):
+        msgspec.convert({"choices": ["a"], "json_schema": {"type": "string"}}, SamplingParams)
+
+
+def test_an_unusable_json_schema_is_a_schema_error(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(SchemaError, match="json_schema is not usable"):
+        Sampler(SamplingParams(json_schema={"type": "no-such-type"}), tiny_tokenizer)
+
+
+@pytest.mark.slow
+def test_real_model_fills_a_json_schema(real: tuple[Model, Any]) -> None:
+    model, tokenizer = real
+    messages = [{"role": "user", "content": "Which agent writes Python code? Answer in JSON."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    cache = model.new_cache()
+    logits = model.prefill(ids, cache, last_only=True)[0]
+    params = SamplingParams(temperature=0, max_tokens=60, json_schema=ROUTE_SCHEMA)
+    sampler = Sampler(params, tokenizer)
+    text = ""
+    while not sampler.finished:
+        token = sampler.pick(logits)
+        text += sampler.accept(token)
+        logits = model.decode_one_token(token, cache)
+    assert sampler.finish_reason == "stop"
+    assert valid_route(text), text
