@@ -33,6 +33,8 @@ def ensure_keys(key_dir: Path, names: tuple[str, ...] = IDENTITIES) -> None:
     for name in names:
         secret = key_dir / f"{name}.key_secret"
         if secret.exists():
+            if secret.stat().st_mode & 0o077:
+                os.chmod(secret, 0o600)  # a copied file may have lost its mode; it is a secret
             continue
         zmq.auth.create_certificates(str(key_dir), name)
         os.chmod(secret, 0o600)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from .errors import NotRunning
+from .errors import ConfigError, NotRunning
 
 log = structlog.get_logger("paths")
 
@@ -75,7 +76,9 @@ class DataDir:
     def ensure(self) -> None:
         for d in (self.logs, self.process_logs, self.keys, self.run, self.summaries):
             d.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.keys, 0o700)
+        # owner only: keys; the sockets (the log writer's is not CURVE); what users said
+        for d in (self.keys, self.run, self.logs, self.summaries):
+            os.chmod(d, 0o700)
 
     def socket_dir(self) -> Path:
         """Where ``ipc://`` sockets go: ``data/run`` unless its paths would pass the OS
@@ -86,6 +89,15 @@ class DataDir:
         digest = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
         short = Path(tempfile.gettempdir()) / f"chorus-{digest}"
         short.mkdir(mode=0o700, exist_ok=True)
+        owner = short.lstat()
+        if not stat.S_ISDIR(owner.st_mode) or owner.st_uid != os.getuid():
+            # the name is predictable: another user could have made it to catch our sockets
+            raise ConfigError(
+                f"{short} (for this data directory's sockets) is not a directory of this "
+                "user's; remove it, or use a data directory with a shorter path"
+            )
+        if stat.S_IMODE(owner.st_mode) != 0o700:
+            os.chmod(short, 0o700)
         log.info(
             "ipc_path_too_long",
             path=str(longest),

@@ -23,7 +23,13 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigError
-from .gateway.options import DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, DEFAULT_RATE_LIMIT
+from .gateway.options import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_PORT,
+    DEFAULT_RATE_LIMIT,
+)
 
 ENV_PREFIX = "CHORUS_"
 DEFAULT_ENV_FILE = ".env.sidecar"
@@ -100,6 +106,11 @@ class Settings(BaseSettings):
     gateway_max_body: int = Field(
         DEFAULT_MAX_BODY, ge=1, description="largest request body the gateway takes, in bytes"
     )
+    gateway_max_streams: int = Field(
+        DEFAULT_MAX_STREAMS,
+        ge=1,
+        description="open chat and event streams per token at once (the next gets 429)",
+    )
     gate_min_gap_s: float = Field(
         4.0, gt=0, description="seconds between two progress updates to the user"
     )
@@ -108,6 +119,42 @@ class Settings(BaseSettings):
     )
     gate_coalesce_s: float = Field(
         0.3, ge=0, description="agent events this close together are told in one utterance"
+    )
+    narrator_prompt: Path | None = Field(
+        None, description="the narrator's system prompt file (empty: prompts/narrator.md)"
+    )
+    narrator_sampling: str = Field(
+        "",
+        description="the narrator's sampling, e.g. temperature=0.3,top_p=0.9,top_k=0,seed=0,max_tokens=96",
+    )
+    candidate_prompt: Path | None = Field(
+        None, description="a candidate narrator's prompt file, for the shadow and the canary"
+    )
+    candidate_sampling: str = Field("", description="the candidate narrator's sampling overrides")
+    candidate_engine: str | None = Field(
+        None, description="endpoint of another engine for the candidate (empty: the instance's)"
+    )
+    shadow_narrator: bool = Field(
+        False, description="run the candidate as narrator-shadow, speaking on shadow.user.out"
+    )
+    canary_percent: float = Field(
+        0.0, ge=0, le=100, description="percent of conversations the candidate narrator answers"
+    )
+    canary_min_samples: int = Field(
+        20, ge=1, description="utterances of each narrator voice before the canary is judged"
+    )
+    canary_max_error_delta: float = Field(
+        0.05,
+        ge=0,
+        description="rollback when the candidate's error rate passes the baseline's by this",
+    )
+    canary_max_latency_ratio: float = Field(
+        1.5,
+        ge=1,
+        description="rollback when the candidate's median first token is this many times slower",
+    )
+    canary_timeout_s: float = Field(
+        60.0, gt=0, description="the candidate's engine must answer within this (else: an error)"
     )
     debug: bool = Field(False, description="verbose logs and tracebacks")
     log_json: bool = Field(
@@ -216,6 +263,18 @@ FLAGS: dict[str, str] = {
     "gateway_allow_origin": "allow_origin",
     "gateway_rate_limit": "rate_limit",
     "gateway_max_body": "max_body",
+    "gateway_max_streams": "max_streams",
+    "narrator_prompt": "narrator_prompt",
+    "narrator_sampling": "narrator_sampling",
+    "candidate_prompt": "candidate_prompt",
+    "candidate_sampling": "candidate_sampling",
+    "candidate_engine": "candidate_engine",
+    "shadow_narrator": "shadow_narrator",
+    "canary_percent": "canary_percent",
+    "canary_min_samples": "canary_min_samples",
+    "canary_max_error_delta": "canary_max_error_delta",
+    "canary_max_latency_ratio": "canary_max_latency_ratio",
+    "canary_timeout_s": "canary_timeout_s",
 }
 
 

@@ -62,6 +62,7 @@ class GatewayConfig:
     allow_origins: tuple[str, ...] = ()  # CORS is off when empty
     max_body_bytes: int = 64 * 1024
     chat_per_minute: float = 60.0  # per token; 0 turns the limit off
+    streams_per_token: int = 32  # open SSE responses (chat and events) at once
     preempt_grace_s: float = 3.0  # how long a superseded turn waits for the narrator's word
     answer_timeout_s: float = ANSWER_TIMEOUT_S
     web_dir: Path = DEFAULT_WEB_DIR
@@ -87,9 +88,11 @@ class Gateway:
     turns: feeds.ActiveTurns = field(default_factory=feeds.ActiveTurns)
     counts: GatewayCounts = field(default_factory=GatewayCounts)
     limiter: auth.RateLimiter = field(init=False)
+    streams: auth.StreamLimit = field(init=False)
 
     def __post_init__(self) -> None:
         self.limiter = auth.RateLimiter(self.config.chat_per_minute)
+        self.streams = auth.StreamLimit(self.config.streams_per_token)
 
     async def run(self) -> None:
         """Stay connected to the instance: wait for it, connect, watch, and start over
@@ -370,15 +373,28 @@ def create_app(config: GatewayConfig) -> FastAPI:
         """Each process: name, state, last heartbeat, current task, restarts."""
         return api.AgentsOut(agents=gateway.observer.agent_list())
 
+    def _open_stream(token: str) -> None:
+        """Count a new SSE response for ``token``, or refuse it with 429 at the limit."""
+        if not gateway.streams.acquire(token):
+            raise HTTPException(
+                429,
+                f"too many open streams for this token (limit {config.streams_per_token}); "
+                "end a chat or close an events feed, then retry",
+                headers={"Retry-After": "1"},
+            )
+
     def _stream(
+        token: str,
         produce: Callable[[feeds.Emit], Awaitable[None]],
         headers: dict[str, str],
         done: Callable[[], None] | None = None,
     ) -> feeds.EventStream:
+        """The SSE response for a stream :func:`_open_stream` counted."""
         gateway.counts.streams_open += 1
 
         def closed() -> None:
             gateway.counts.streams_open -= 1
+            gateway.streams.release(token)
             if done is not None:
                 done()
 
@@ -424,6 +440,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 404,
                 f"no conversation {conversation!r} is known; leave `conversation` out to start one",
             )
+        _open_stream(token)  # no await from here on: the count and the response go together
         gateway.observer.remember(conversation)
         gateway.counts.chat_requests += 1
         turn = gateway.turns.begin(conversation)
@@ -439,7 +456,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
             )
 
         return _stream(
-            produce, {"X-Chorus-Conversation": conversation}, lambda: gateway.turns.end(turn)
+            token,
+            produce,
+            {"X-Chorus-Conversation": conversation},
+            lambda: gateway.turns.end(turn),
         )
 
     @app.get(
@@ -450,11 +470,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 "description": "`event: <topic>` with an envelope (EnvelopeOut) as data",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}},
             },
-            **_errors(401, 503),
+            **_errors(401, 429, 503),
         },
     )
     async def events(
-        _: Token,
+        token: Token,
         prefix: Annotated[
             list[str], Query(description="topic prefix (repeatable); default: all but user.out")
         ] = [],  # noqa: B006 (FastAPI copies defaults)
@@ -462,11 +482,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
         """The activity feed: task updates, heartbeats (summarised), decisions, ``sys.*``."""
         conn = gateway.connection()
         asked = tuple(prefix)
+        _open_stream(token)
 
         async def produce(emit: feeds.Emit) -> None:
             await feeds.follow_bus(conn, asked, emit)
 
-        return _stream(produce, {})
+        return _stream(token, produce, {})
 
     @app.get("/v1/tasks", response_model=api.TasksOut, responses=_errors(401, 422))
     async def tasks(

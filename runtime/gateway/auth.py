@@ -1,4 +1,4 @@
-"""The gateway's bearer token and its per-token rate limit.
+"""The gateway's bearer token, its per-token rate limit and its per-token stream limit.
 
 The token is 32 url-safe random bytes in ``data/keys/gateway.token`` (mode 0600),
 created on first start and kept after that, so a page or an app that has it keeps
@@ -8,6 +8,7 @@ start).
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import secrets
@@ -112,3 +113,25 @@ class RateLimiter:
             bucket.tokens -= 1.0
             return 0.0
         return (1.0 - bucket.tokens) * 60.0 / self.per_minute
+
+
+@dataclass
+class StreamLimit:
+    """At most ``per_token`` Server-Sent Event responses open at once per key: each one
+    holds a bus subscription, so a flood of them must not be free."""
+
+    per_token: int
+    _open: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def acquire(self, key: str) -> bool:
+        """Count one more open stream for ``key``; False (not counted) when at the limit."""
+        if self._open[key] >= self.per_token:
+            return False
+        self._open[key] += 1
+        return True
+
+    def release(self, key: str) -> None:
+        """One stream of ``key`` ended."""
+        self._open[key] -= 1
+        if self._open[key] <= 0:
+            del self._open[key]

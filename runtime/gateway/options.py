@@ -12,6 +12,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8600
 DEFAULT_RATE_LIMIT = "60/min"
 DEFAULT_MAX_BODY = 64 * 1024
+DEFAULT_MAX_STREAMS = 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,4 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="BYTES",
         help="largest request body (default 65536)",
+    )
+    parser.add_argument(
+        "--max-streams",
+        type=int,
+        metavar="N",
+        help="open chat and event streams per token at once (default 32; the next gets 429)",
     )

@@ -66,6 +66,7 @@ class GatewayServer:
             token=load_or_create_token(data.keys),
             allow_origins=tuple(settings.gateway_allow_origin),
             max_body_bytes=settings.gateway_max_body,
+            streams_per_token=settings.gateway_max_streams,
             chat_per_minute=parse_rate(settings.gateway_rate_limit),
         )
         return cls(
