@@ -1,4 +1,5 @@
-"""``python -m orchestrator controller|narrator``: the two orchestrating processes;
+"""``python -m orchestrator controller|narrator``: the two orchestrating processes
+(``narrator --shadow`` is the shadow narrator, ``narrator-shadow``);
 ``python -m orchestrator summarize [--conversation C]``: bring rolling summaries up to date
 by hand (with the engine when one runs, extractive otherwise)."""
 
@@ -16,22 +17,32 @@ import anyio
 from engine.client import Client
 from runtime import logconfig
 from runtime.bus import Bus
-from runtime.errors import ChorusError
+from runtime.errors import ChorusError, ConfigError
 from runtime.lifeline import die_with_parent
 from runtime.paths import DataDir
 
+from .canary import Policy, Voice
 from .gating import GateConfig
 from .process import until_signalled
 
+ENGINE_TIMEOUT_S = 60.0
 
-async def serve(role: str, data: DataDir, gate: GateConfig) -> None:
+
+async def serve(
+    role: str, data: DataDir, gate: GateConfig, args: argparse.Namespace | None = None
+) -> None:
+    """Run ``role`` until SIGTERM/SIGINT; ``args`` carries the narrator's voice options."""
+    shadow = role == "narrator" and args is not None and args.shadow
+    identity = "narrator-shadow" if shadow else role
     endpoints = data.read_endpoints()
     async with AsyncExitStack() as stack:
-        bus = await stack.enter_async_context(Bus(role, endpoints, data.keys))
+        bus = await stack.enter_async_context(Bus(identity, endpoints, data.keys))
         engine = None
-        if endpoints.engine is not None:
+        own_engine = args.engine if role == "narrator" and args is not None else None
+        endpoint = own_engine or endpoints.engine
+        if endpoint is not None:
             engine = await stack.enter_async_context(
-                Client(role, endpoints.engine, data.keys, timeout=60)
+                Client(identity, endpoint, data.keys, timeout=ENGINE_TIMEOUT_S)
             )
         if role == "controller":
             from .controller import Controller
@@ -44,9 +55,32 @@ async def serve(role: str, data: DataDir, gate: GateConfig) -> None:
             if engine is None:
                 # with no engine the narrator can still speak acks and playbooks
                 engine = await stack.enter_async_context(
-                    Client(role, data.ipc("engine"), data.keys, timeout=2)
+                    Client(identity, data.ipc("engine"), data.keys, timeout=2)
                 )
-            worker = Narrator(bus, data, engine).run
+            assert args is not None
+            voice, candidate, policy = voices(args)
+            candidate_engine = None
+            if candidate is not None and not shadow:
+                # its own client, so its timeout is the canary's (its sessions are named apart)
+                served = candidate.engine or endpoint
+                candidate_engine = await stack.enter_async_context(
+                    Client(
+                        identity,
+                        served or data.ipc("engine"),
+                        data.keys,
+                        timeout=args.canary_timeout_s if served else 2,  # as the baseline's
+                    )
+                )
+            worker = Narrator(
+                bus,
+                data,
+                engine,
+                voice=voice,
+                candidate=candidate,
+                candidate_engine=candidate_engine,
+                policy=policy,
+                shadow=shadow,
+            ).run
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker)
             await until_signalled()
@@ -80,8 +114,51 @@ async def summarize_now(data: DataDir, conversations: list[str]) -> None:
             print(f"{conversation}: {state} -> {md}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    die_with_parent()
+def voices(args: argparse.Namespace) -> tuple[Voice, Voice | None, Policy]:
+    """The narrator's voice, its canary candidate (None without one) and the canary's
+    policy, from the command line; raises ConfigError on a bad prompt or sampling."""
+    voice = Voice(args.prompt, args.sampling or "", args.engine)
+    voice.check("--prompt/--sampling")
+    candidate = None
+    if args.candidate_prompt or args.candidate_sampling or args.candidate_engine:
+        candidate = Voice(
+            args.candidate_prompt, args.candidate_sampling or "", args.candidate_engine
+        )
+        candidate.check("--candidate-prompt/--candidate-sampling")
+    try:
+        policy = Policy(
+            percent=args.canary_percent,
+            min_samples=args.canary_min_samples,
+            max_error_delta=args.canary_max_error_delta,
+            max_latency_ratio=args.canary_max_latency_ratio,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"canary: {exc}") from None
+    return voice, candidate, policy
+
+
+def add_narrator_arguments(parser: argparse.ArgumentParser) -> None:
+    """The narrator's voice, its candidate and the canary (``docs/rollout.md``)."""
+    policy = Policy()
+    n = parser.add_argument_group("narrator (docs/rollout.md)")
+    n.add_argument("--shadow", action="store_true", help="serve as narrator-shadow")
+    n.add_argument("--prompt", type=Path, help="system prompt file (default prompts/narrator.md)")
+    n.add_argument("--sampling", help="sampling overrides, e.g. temperature=0.5,max_tokens=128")
+    n.add_argument("--engine", metavar="ENDPOINT", help="another engine for this voice")
+    n.add_argument("--candidate-prompt", type=Path, help="the canary candidate's prompt file")
+    n.add_argument("--candidate-sampling", help="the candidate's sampling overrides")
+    n.add_argument("--candidate-engine", metavar="ENDPOINT", help="the candidate's engine")
+    for flag, value, what in (
+        ("--canary-percent", policy.percent, "share of conversations on the candidate"),
+        ("--canary-min-samples", policy.min_samples, "utterances per voice before judging"),
+        ("--canary-max-error-delta", policy.max_error_delta, "error rate over the baseline's"),
+        ("--canary-max-latency-ratio", policy.max_latency_ratio, "first-token time ratio"),
+        ("--canary-timeout-s", ENGINE_TIMEOUT_S, "the candidate's engine answers within"),
+    ):
+        n.add_argument(flag, type=type(value), default=value, help=f"{what} (default {value:g})")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator")
     parser.add_argument("role", choices=["controller", "narrator", "summarize"])
     parser.add_argument(
@@ -95,12 +172,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("--coalesce-s", defaults.coalesce_s, "events this close are told together"),
     ):
         parser.add_argument(flag, type=float, default=value, help=f"controller: {what}")
+    add_narrator_arguments(parser)
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--log-json", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    die_with_parent()
+    args = build_parser().parse_args(argv)
     data = DataDir.at(args.data_dir)
     logconfig.configure(
-        args.role,
+        "narrator-shadow" if args.role == "narrator" and args.shadow else args.role,
         log_dir=data.process_logs if args.log_json else None,
         debug=args.debug,
         console=False if args.log_json else None,
@@ -109,9 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.role == "summarize":
             anyio.run(summarize_now, data, args.conversation)
             return 0
+        if args.role == "narrator":
+            voices(args)  # a bad prompt or sampling fails here, before the bus is joined
         data.wait_for_endpoints()
         gate = GateConfig(min_gap_s=args.min_gap_s, idle_s=args.idle_s, coalesce_s=args.coalesce_s)
-        anyio.run(serve, args.role, data, gate)
+        anyio.run(serve, args.role, data, gate, args)
     except ChorusError as exc:
         if args.debug:
             raise

@@ -15,9 +15,10 @@ class PromptError(Exception):
 
 
 @cache
-def template(name: str) -> str:
-    """The text of ``prompts/<name>.md``."""
-    path = PROMPT_DIR / f"{name}.md"
+def template(name: str | Path) -> str:
+    """The text of ``prompts/<name>.md``, or of the file ``name`` when it is a Path (an
+    operator's own prompt, e.g. a candidate narrator's)."""
+    path = name if isinstance(name, Path) else PROMPT_DIR / f"{name}.md"
     try:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -29,8 +30,9 @@ def slots(text: str) -> set[str]:
     return {field for _, field, _, _ in string.Formatter().parse(text) if field}
 
 
-def render(name: str, **values: str) -> str:
-    """Fill every slot of ``prompts/<name>.md``; a missing or unknown slot is an error."""
+def render(name: str | Path, **values: str) -> str:
+    """Fill every slot of ``prompts/<name>.md`` (or of the file ``name``); a missing or
+    unknown slot is an error."""
     text = template(name)
     wanted = slots(text)
     if missing := wanted - values.keys():

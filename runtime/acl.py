@@ -127,7 +127,7 @@ _BODY_FOR_ROOT: dict[str, tuple[type[m.Body], ...]] = {
     "shadow.user.out": (m.Chunk,),
     "task.assign": (m.TaskAssign, m.TaskCancel),
     "task.update": (m.TaskUpdate,),
-    "event": (m.Fault, m.Note),
+    "event": (m.Fault, m.Note, m.Rollout),
     "heartbeat": (m.Heartbeat,),
     "narrator.cue": (m.Cue,),
     "narrator.decision": (m.Decision,),

@@ -78,6 +78,47 @@ def _broker_limits(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _rollout_options(p: argparse.ArgumentParser) -> None:
+    """The narrator's voice, a candidate voice, the shadow and the canary (docs/rollout.md)."""
+    g = p.add_argument_group("narrator rollout (docs/rollout.md)")
+    g.add_argument("--narrator-prompt", type=Path, metavar="PATH", help="the narrator's prompt")
+    g.add_argument(
+        "--narrator-sampling", metavar="K=V,…", help="e.g. temperature=0.3,max_tokens=96"
+    )
+    g.add_argument(
+        "--candidate-prompt",
+        "--shadow-prompt",
+        type=Path,
+        metavar="PATH",
+        help="a candidate narrator's prompt (for the shadow and the canary)",
+    )
+    g.add_argument(
+        "--candidate-sampling", "--shadow-sampling", metavar="K=V,…", help="its sampling"
+    )
+    g.add_argument("--candidate-engine", metavar="ENDPOINT", help="its own engine")
+    g.add_argument(
+        "--shadow-narrator",
+        action="store_true",
+        default=None,
+        help="run the candidate as narrator-shadow (shadow.user.out, never shown to users)",
+    )
+    g.add_argument(
+        "--canary-percent", type=float, metavar="P", help="conversations on the candidate (0)"
+    )
+    g.add_argument(
+        "--canary-min-samples", type=int, metavar="N", help="utterances before judging (20)"
+    )
+    g.add_argument(
+        "--canary-max-error-delta", type=float, metavar="X", help="error-rate margin (0.05)"
+    )
+    g.add_argument(
+        "--canary-max-latency-ratio", type=float, metavar="X", help="first-token ratio (1.5)"
+    )
+    g.add_argument(
+        "--canary-timeout-s", type=float, metavar="S", help="the candidate's engine timeout (60)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m runtime", description="Chorus: many agents work, one voice speaks."
@@ -130,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--serve", action="store_true", help="run the HTTP gateway too (options as for `serve`)"
     )
+    _rollout_options(p)
     gateway_options.add_arguments(p)
     p.set_defaults(func=cmd_launch)
 
@@ -328,6 +370,64 @@ def child_flags(
     return broker, engine, controller
 
 
+def narrator_flags(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+    """The narrator's flags and the shadow narrator's (None: no shadow) for ``settings``;
+    raises ConfigError when a prompt, a sampling or the canary's policy is not valid."""
+    from orchestrator.canary import Policy, Voice
+
+    candidate = Voice(
+        settings.candidate_prompt, settings.candidate_sampling, settings.candidate_engine
+    )
+    has_candidate = candidate != Voice()
+    Voice(settings.narrator_prompt, settings.narrator_sampling).check("narrator prompt/sampling")
+    candidate.check("candidate prompt/sampling")
+    if settings.canary_percent > 0 and not has_candidate:
+        raise ConfigError(
+            "a canary needs a candidate narrator: set --candidate-prompt, "
+            "--candidate-sampling or --candidate-engine (or CHORUS_CANDIDATE_*)"
+        )
+    try:
+        Policy(
+            settings.canary_percent,
+            settings.canary_min_samples,
+            settings.canary_max_error_delta,
+            settings.canary_max_latency_ratio,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"canary: {exc}") from None
+
+    def path(value: Path | None) -> str | None:
+        return None if value is None else str(value.expanduser().resolve())
+
+    narrator = _flags(
+        ("--prompt", path(settings.narrator_prompt)),
+        ("--sampling", settings.narrator_sampling or None),
+    )
+    if has_candidate:
+        narrator += _flags(
+            ("--candidate-prompt", path(candidate.prompt)),
+            ("--candidate-sampling", candidate.sampling or None),
+            ("--candidate-engine", candidate.engine),
+            ("--canary-percent", settings.canary_percent),
+            ("--canary-min-samples", settings.canary_min_samples),
+            ("--canary-max-error-delta", settings.canary_max_error_delta),
+            ("--canary-max-latency-ratio", settings.canary_max_latency_ratio),
+            ("--canary-timeout-s", settings.canary_timeout_s),
+        )
+    shadow = None
+    if settings.shadow_narrator:  # the candidate's voice, or the narrator's if there is none
+        shadow = (
+            _flags(
+                ("--prompt", path(candidate.prompt)),
+                ("--sampling", candidate.sampling or None),
+                ("--engine", candidate.engine),
+            )
+            if has_candidate
+            else narrator
+        )
+    return narrator, shadow
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from .instance import InstanceLock
     from .supervisor import Supervisor, default_specs
@@ -342,6 +442,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
         check_bind(settings.bind, settings.allow_remote)
     broker_args, engine_args, controller_args = child_flags(settings)
+    narrator_args, shadow_args = narrator_flags(settings)
 
     exit_code = [0]
 
@@ -370,6 +471,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
             broker_args=broker_args,
             engine_args=engine_args,
             controller_args=controller_args,
+            narrator_args=narrator_args,
+            shadow_args=shadow_args,
         )
         supervisor = Supervisor(data, specs, on_ready=ready if not args.ask else None)
         gateway = None

@@ -12,7 +12,7 @@ that is already running and stops nothing.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -113,7 +113,11 @@ class Connection:
 
 
 class Runtime(Connection):
-    """Starts a whole Chorus instance in the current event loop; stops it on exit."""
+    """Starts a whole Chorus instance in the current event loop; stops it on exit.
+
+    ``narrator_args`` are flags for the narrator (``python -m orchestrator narrator
+    --help``: its prompt, sampling, a canary candidate); ``shadow_args``, when given, start
+    the shadow narrator with those flags (docs/rollout.md)."""
 
     def __init__(
         self,
@@ -123,8 +127,12 @@ class Runtime(Connection):
         engine: bool = True,
         orchestration: bool = True,
         debug: bool = False,
+        narrator_args: Sequence[str] = (),
+        shadow_args: Sequence[str] | None = None,
     ) -> None:
         super().__init__(DataDir.at(data_dir))
+        self._narrator_args = tuple(narrator_args)
+        self._shadow_args = None if shadow_args is None else tuple(shadow_args)
         self._agents = agents
         self._engine = engine
         self._orchestration = orchestration
@@ -143,6 +151,8 @@ class Runtime(Connection):
                 engine=self._engine,
                 orchestration=self._orchestration,
                 debug=self._debug,
+                narrator_args=self._narrator_args,
+                shadow_args=self._shadow_args,
             ),
         )
         tg = await self._stack.enter_async_context(anyio.create_task_group())

@@ -47,6 +47,7 @@ class Chunk(Body, frozen=True, kw_only=True):
     sources: list[str] = msgspec.field(default_factory=list)
     closes_turn: bool = False  # on a final chunk: the answer to the user's turn is complete
     turn: str = ""  # envelope id of the user.in this stream is about
+    cue: str = ""  # envelope id of the narrator.cue this stream speaks (shadow comparisons)
 
 
 class TaskAssign(Body, frozen=True, kw_only=True):
@@ -197,6 +198,32 @@ class Fault(Body, frozen=True, kw_only=True):
     message: str
 
 
+class ArmFigures(msgspec.Struct, frozen=True, kw_only=True):
+    """One narrator voice's record in a canary: utterances made with the model, how many
+    failed, and the median time to its first token (None until one came)."""
+
+    samples: int = 0
+    errors: int = 0
+    first_token_s: float | None = None
+
+
+RolloutAction = Literal["start", "change", "rollback", "promote", "skipped", "report"]
+
+
+class Rollout(Body, frozen=True, kw_only=True):
+    """A canary switch of the narrator, on ``event.narrator``: the candidate voice started
+    on ``percent`` of conversations, its share changed, it was rolled back or promoted, it
+    was ``skipped`` (rolled back before: not started again), or a periodic ``report``."""
+
+    action: RolloutAction
+    candidate: str  # the candidate voice's fingerprint (prompt, sampling, engine)
+    baseline: str  # the baseline voice's fingerprint
+    percent: float  # share of conversations on the candidate after this switch
+    reason: str = ""
+    candidate_figures: ArmFigures = msgspec.field(default_factory=ArmFigures)
+    baseline_figures: ArmFigures = msgspec.field(default_factory=ArmFigures)
+
+
 class Note(Body, frozen=True, kw_only=True):
     """Anything else an agent finds worth recording, on ``event.<name>``."""
 
@@ -221,6 +248,7 @@ AnyBody = (
     | Violation
     | ProcessEvent
     | Fault
+    | Rollout
     | Note
 )
 
@@ -241,6 +269,7 @@ BODY_TYPES: tuple[type[Body], ...] = (
     Violation,
     ProcessEvent,
     Fault,
+    Rollout,
     Note,
 )
 
@@ -272,8 +301,18 @@ def encode(envelope: Envelope) -> bytes:
 
 def decode(payload: bytes | memoryview) -> Envelope:
     """An envelope from msgpack bytes; raises ``msgspec.DecodeError`` or
-    ``msgspec.ValidationError`` on anything else."""
-    return _decoder.decode(payload)
+    ``msgspec.ValidationError`` (a subclass) on anything else."""
+    try:
+        return _decoder.decode(payload)
+    # msgspec lets these two out: it recurses once per level of nesting (in ``Note.data``
+    # or a field it skips), and a string that is not UTF-8 fails as in ``bytes.decode``.
+    # A few bytes from any peer must not take down a reader of the bus (the broker first).
+    except RecursionError:
+        raise msgspec.DecodeError("payload is nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(
+            f"payload holds a string that is not UTF-8 ({exc.reason})"
+        ) from None
 
 
 def new_id() -> str:

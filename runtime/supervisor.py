@@ -90,8 +90,11 @@ def default_specs(
     broker_args: tuple[str, ...] = (),
     engine_args: tuple[str, ...] = (),
     controller_args: tuple[str, ...] = (),
+    narrator_args: tuple[str, ...] = (),
+    shadow_args: tuple[str, ...] | None = None,
 ) -> list[ChildSpec]:
-    """The children of a full launch, in start order (``engine=False`` leaves it out)."""
+    """The children of a full launch, in start order (``engine=False`` leaves it out;
+    ``shadow_args`` adds the shadow narrator, ``narrator-shadow``, with those flags)."""
     common = ["--data-dir", str(data.root), "--log-json", *(["--debug"] if debug else [])]
     with_engine = engine and engine_available()
     if with_engine:
@@ -107,9 +110,12 @@ def default_specs(
     elif engine:
         log.info("engine_skipped", reason="the engine server is not in this build")
     if orchestration:
-        for role, extra in (("controller", controller_args), ("narrator", ())):
+        for role, extra in (("controller", controller_args), ("narrator", narrator_args)):
             argv = python_argv("-m", "orchestrator", role, *common, *extra)
             specs.append(ChildSpec(role, argv, "heartbeat"))
+        if shadow_args is not None:
+            argv = python_argv("-m", "orchestrator", "narrator", "--shadow", *common, *shadow_args)
+            specs.append(ChildSpec("narrator-shadow", argv, "heartbeat"))
     for name, impl in (DEFAULT_AGENTS if agents is None else agents).items():
         argv = python_argv(
             "-m", "runtime", "agent", name, "--connect", str(data.root), "--impl", impl, *common[2:]

@@ -246,17 +246,23 @@ class _Reader:
     matcher: _Matcher
     warn: Warn
     ends: dict[Path, int] = field(default_factory=dict)
+    listed: set[Path] = field(default_factory=set)  # the files the query picked
 
     def scan(self, f: LogFile, newest_first: bool, limit: int | None) -> Iterator[Batch]:
         if f.compressed:
             found = self._gzip_lines(f.path, limit if newest_first else None)
             return iter([found[::-1] if newest_first else found])
-        return self._plain(f, newest_first)
+        return self._plain(f, newest_first, limit)
 
-    def _plain(self, f: LogFile, newest_first: bool) -> Iterator[Batch]:
+    def _plain(self, f: LogFile, newest_first: bool, limit: int | None) -> Iterator[Batch]:
         try:
             handle = f.path.open("rb")
-        except FileNotFoundError:  # compressed or deleted since it was listed
+        except FileNotFoundError:
+            # deleted since it was listed, or compressed: then its lines are in the .gz
+            # (unless the query picked that too, for lines that came late)
+            gz = f.path.with_name(f.path.name + ".gz")
+            if gz not in self.listed and gz.exists():
+                yield from self.scan(LogFile(f.hour, True, gz), newest_first, limit)
             return
         with handle:
             size = handle.seek(0, os.SEEK_END)
@@ -351,6 +357,7 @@ def _query(reader: _Reader, log_dir: Path, query: LogQuery) -> Iterator[Batch]:
     if left is not None and left <= 0:
         return
     files = list_log_files(log_dir, query.since, query.until)
+    reader.listed.update(f.path for f in files)
     if query.newest_first:
         files.reverse()
     for f in files:
@@ -527,6 +534,16 @@ def summarize(envelope: Envelope) -> str:
             return f"{tps:.1f} tok/s, cache {fill:.0%}, {sessions} sessions"
         case m.Fault(kind=kind, message=message):
             return f"{kind}: {message}"
+        case m.Rollout(action=action, percent=percent, reason=reason):
+            figures = "; ".join(
+                f"{name} {f.errors}/{f.samples} errors, first token "
+                + ("-" if f.first_token_s is None else f"{f.first_token_s:.2f} s")
+                for name, f in (
+                    ("candidate", body.candidate_figures),
+                    ("baseline", body.baseline_figures),
+                )
+            )
+            return f"canary {action} {percent:g}% ({figures}) {reason}".rstrip()
     fields = msgspec.structs.asdict(body)
     return f"{type(body).__name__} " + " ".join(f"{k}={v}" for k, v in fields.items() if v)
 
@@ -572,6 +589,12 @@ class _Output:
                 self._rows.append(row)
             if len(self._rows) >= 200:
                 self.flush()
+
+    def add(self, row: list[str]) -> None:
+        """A row made by the caller (tables not read line by line from the log)."""
+        self._rows.append(row)
+        if len(self._rows) >= 200:
+            self.flush()
 
     def lines(self, batch: list[bytes]) -> None:
         if not self.as_json:
@@ -700,6 +723,11 @@ def add_decision_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sender", "-s", action="append", default=[], metavar="NAME", help="sent by NAME"
     )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="per cue, the narrator's and the shadow narrator's streams side by side",
+    )
     _add_common(parser)
 
 
@@ -812,6 +840,10 @@ _decision_decoder = msgspec.json.Decoder(_DecisionLine)
 
 def run_decisions(args: argparse.Namespace) -> int:
     """``python -m runtime decisions``: why the narrator spoke or held, from the log."""
+    if getattr(args, "compare", False):
+        from .compare import run_compare
+
+        return run_compare(args)
     try:
         query = _base_query(args, time.time())
     except ValueError as exc:

@@ -41,6 +41,7 @@ LEGAL: dict[type[m.Body], tuple[str, str]] = {
     m.Violation: ("supervisor", "sys.violation"),
     m.ProcessEvent: ("supervisor", "sys.restart"),
     m.Fault: ("coder", "event.coder"),
+    m.Rollout: ("narrator", "event.narrator"),
     m.Note: ("coder", "event.coder"),
 }
 

@@ -34,6 +34,14 @@ SAMPLES: list[m.Body] = [
     m.Violation(identity="coder", topic="user.out", reason="no"),
     m.ProcessEvent(process="coder", reason="exited", restarts=1, pid=7),
     m.Fault(kind="storage_error", message="disk full"),
+    m.Rollout(
+        action="rollback",
+        candidate="c0ffee",
+        baseline="baba",
+        percent=0.0,
+        reason="error rate",
+        candidate_figures=m.ArmFigures(samples=5, errors=5),
+    ),
     m.Note(name="found", data={"n": 3}),
 ]
 
