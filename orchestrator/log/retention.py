@@ -173,14 +173,16 @@ def index_closed(
     log_dir: Path,
     *,
     now: float | None = None,
+    since: float | None = None,
     keep: Collection[str] = (),
     stop: Callable[[], bool] = lambda: False,
     report: MaintenanceReport | None = None,
 ) -> MaintenanceReport:
-    """Write a minute index beside every closed plain hour that lacks a current one."""
+    """Write a minute index beside every closed plain hour that lacks a current one
+    (hours that ended before ``since`` are left alone: retention is about to delete them)."""
     now = time.time() if now is None else now
     report = report if report is not None else MaintenanceReport()
-    for f in list_log_files(log_dir):
+    for f in list_log_files(log_dir, since=since):
         if stop():
             break
         if not _closed(f, now, 0, keep):
@@ -188,7 +190,10 @@ def index_closed(
         size = _size(f.path)
         if read_index(f.index_path, size) is not None:
             continue
-        index = build_index(f.path, f.hour)
+        try:
+            index = build_index(f.path, f.hour)
+        except FileNotFoundError:  # deleted or compressed meanwhile: nothing to index
+            continue
         write_atomic(f.index_path, msgspec.json.encode(index))
         report.indexed.append(f.path.name)
     return report
@@ -207,7 +212,8 @@ def maintain(
     stop: Callable[[], bool] = lambda: False,
     lock: AbstractContextManager[Any] | None = None,
 ) -> MaintenanceReport:
-    """One pass: compress closed hours, apply retention, then index what is left."""
+    """One pass: compress closed hours, index closed plain hours, then apply retention
+    (last, so the size it keeps to counts the new indexes too)."""
     now = time.time() if now is None else now
     report = MaintenanceReport()
     if compress:
@@ -220,6 +226,9 @@ def maintain(
             lock=lock,
             report=report,
         )
+    if index:
+        since = now - retain_days * DAY_S
+        index_closed(log_dir, now=now, since=since, keep=keep, stop=stop, report=report)
     apply_retention(
         log_dir,
         retain_days=retain_days,
@@ -229,6 +238,4 @@ def maintain(
         lock=lock,
         report=report,
     )
-    if index:
-        index_closed(log_dir, now=now, keep=keep, stop=stop, report=report)
     return report

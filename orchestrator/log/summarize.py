@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import anyio
 import msgspec
 import structlog
 
@@ -195,7 +196,9 @@ async def update(
 ) -> Sidecar | None:
     """Bring the conversation's summary up to date; None when nothing new was logged."""
     before = read_sidecar(data, conversation)
-    new = collect(data.logs, conversation, before)
+    # reading the log can take seconds (a conversation idle for days reads every hour
+    # since its last turn): off the caller's event loop, so the narrator keeps talking
+    new = await anyio.to_thread.run_sync(collect, data.logs, conversation, before)
     if not new:
         return None
     method: Method = "extractive"

@@ -14,7 +14,9 @@ error is kept in :attr:`last_error`, ``on_fault`` is called once per new error, 
 writer tries again at the next flush.
 
 A second thread applies retention (age and size), optional gzip of closed hours and the
-minute index at start and then hourly (see :mod:`orchestrator.log.retention`).
+minute index at start, hourly, when a new hour begins, and as soon as what the writer
+wrote since the last pass takes the log over ``retain_mb`` (see
+:mod:`orchestrator.log.retention`), so the size limit holds within the hour too.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from runtime.messages import Chunk, Cue, Envelope, TaskAssign, UserTurn
+from runtime.messages import Chunk, Cue, Envelope, TaskAssign, TaskUpdate, UserTurn
 
 from .layout import hour_file_name, list_log_files
-from .retention import MaintenanceReport, maintain
+from .retention import MIB, MaintenanceReport, maintain
 
 __all__ = ["LogWriter", "hour_file_name", "redact_envelope", "redact_text", "repair_torn_tail"]
 
@@ -105,8 +107,11 @@ def redact_text(text: str, key: bytes | None = None) -> str:
 def redact_envelope(envelope: Envelope, key: bytes | None = None) -> Envelope:
     """The envelope with user and narrator text replaced by :func:`redact_text`.
 
-    Redacted: ``UserTurn.text``, ``Chunk.delta``, ``Cue.user_text`` and
-    ``TaskAssign.text`` (the user's request as handed to an agent).
+    Redacted: ``UserTurn.text``, ``Chunk.delta``, ``TaskAssign.text`` (the user's request
+    as handed to an agent), a ``TaskUpdate``'s ``message`` and the strings in its
+    ``data`` (results often quote the request), and a ``Cue``'s ``user_text``, ``cover``
+    and ``attachments``. Ids, states, topics, times and numbers stay, so queries and
+    timings still work.
     """
     body = envelope.body
     new_body: object
@@ -115,13 +120,37 @@ def redact_envelope(envelope: Envelope, key: bytes | None = None) -> Envelope:
             new_body = msgspec.structs.replace(body, text=redact_text(text, key))
         case Chunk(delta=delta):
             new_body = msgspec.structs.replace(body, delta=redact_text(delta, key))
-        case Cue(user_text=text) if text:
-            new_body = msgspec.structs.replace(body, user_text=redact_text(text, key))
+        case Cue(user_text=text, cover=cover, attachments=attachments):
+            new_body = msgspec.structs.replace(
+                body,
+                user_text=redact_text(text, key) if text else "",
+                cover=[redact_text(c, key) for c in cover],
+                attachments=[redact_text(a, key) for a in attachments],
+            )
         case TaskAssign(text=text):
             new_body = msgspec.structs.replace(body, text=redact_text(text, key))
+        case TaskUpdate(message=message, data=data):
+            new_body = msgspec.structs.replace(
+                body,
+                message=redact_text(message, key) if message else "",
+                data={k: _redact_strings(v, key) for k, v in data.items()},
+            )
         case _:
             return envelope
     return msgspec.structs.replace(envelope, body=new_body)
+
+
+def _redact_strings(value: object, key: bytes | None) -> object:
+    """``value`` with every string in it (nested in lists and dicts too) redacted."""
+    match value:
+        case str():
+            return redact_text(value, key)
+        case list():
+            return [_redact_strings(v, key) for v in value]
+        case dict():
+            return {k: _redact_strings(v, key) for k, v in value.items()}
+        case _:
+            return value
 
 
 class LogWriter:
@@ -163,6 +192,11 @@ class LogWriter:
         self.max_buffer_bytes = max_buffer_bytes
         self._clock = clock
         self.written = 0  # lines the kernel accepted
+        self._appended = 0  # envelopes handed to append (what settle waits for)
+        self._bytes_out = 0  # bytes written to hour files, in all
+        # the log's size after the last maintenance pass and _bytes_out when it began:
+        # with what was written since, the writer's estimate of the log's size
+        self._size_basis: tuple[int, int] | None = None
         self.failed = 0  # envelopes lost to write errors
         self.last_error: str | None = None
         self.last_maintenance: MaintenanceReport | None = None
@@ -179,7 +213,8 @@ class LogWriter:
         self._files_lock = threading.Lock()
         self._keep: set[str] = set()
         self._stop = threading.Event()
-        self._maintain_now = threading.Event()
+        self._maintain_now = threading.Event()  # a pass is due
+        self._pass_lock = threading.Lock()  # one maintenance pass at a time
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._maintainer = threading.Thread(
             target=self._maintain_loop, name="log-maintenance", daemon=True
@@ -201,6 +236,7 @@ class LogWriter:
             if cut:
                 log.warning("log_torn_tail_repaired", file=str(f.path), bytes_cut=cut)
         self._refresh_keep(self._clock())
+        self._maintain_now.set()  # the start pass
         self._thread.start()
         self._maintainer.start()
 
@@ -211,7 +247,24 @@ class LogWriter:
 
     def append(self, envelope: Envelope) -> None:
         """Queue one envelope; never blocks and never raises."""
+        self._appended += 1
         self._queue.put(envelope)
+
+    def settle(self, timeout: float = 30) -> bool:
+        """Wait until every envelope appended so far is written (or counted as failed) and
+        no maintenance pass is due or running; False if that took over ``timeout`` s.
+
+        For tests and simulations that drive the writer with their own clock.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.written + self.failed >= self._appended and not self._maintain_now.is_set():
+                if self._pass_lock.acquire(blocking=False):
+                    self._pass_lock.release()
+                    if not self._maintain_now.is_set():  # none was asked for meanwhile
+                        return True
+            time.sleep(0.002)
+        return False
 
     def close(self) -> None:
         """Write what is queued, flush, and stop both threads."""
@@ -224,31 +277,40 @@ class LogWriter:
             self._maintainer.join(timeout=10)
 
     def maintain(self, now: float | None = None) -> MaintenanceReport:
-        """Run one retention / compression / index pass now (it also runs hourly)."""
+        """Run one retention / compression / index pass now (it also runs hourly); waits
+        for a pass the maintenance thread is running."""
         return self._maintain(now, stop=lambda: False)
 
-    def _maintain(self, now: float | None, stop: Callable[[], bool]) -> MaintenanceReport:
-        now = self._clock() if now is None else now
-        with self._files_lock:
-            self._refresh_keep(now)
-        try:
-            report = maintain(
-                self.log_dir,
-                retain_days=self.retain_days,
-                retain_mb=self.retain_mb,
-                compress=self.compress,
-                compress_after_s=self.compress_after_s,
-                index=self.index,
-                now=now,
-                keep=self._keep,
-                stop=stop,
-                lock=self._files_lock,
-            )
-        except OSError as exc:
-            self._fail(exc, "maintenance")
-            return MaintenanceReport()
-        self.last_maintenance = report
-        return report
+    def _maintain(
+        self, now: float | None, stop: Callable[[], bool], due: bool = False
+    ) -> MaintenanceReport:
+        # two passes at once would race: one indexing or gzipping a file the other deletes
+        with self._pass_lock:
+            if due:
+                self._maintain_now.clear()  # under the lock, so settle() sees no gap
+            mark = self._bytes_out
+            now = self._clock() if now is None else now
+            with self._files_lock:
+                self._refresh_keep(now)
+            try:
+                report = maintain(
+                    self.log_dir,
+                    retain_days=self.retain_days,
+                    retain_mb=self.retain_mb,
+                    compress=self.compress,
+                    compress_after_s=self.compress_after_s,
+                    index=self.index,
+                    now=now,
+                    keep=self._keep,
+                    stop=stop,
+                    lock=self._files_lock,
+                )
+            except OSError as exc:
+                self._fail(exc, "maintenance")
+                return MaintenanceReport()
+            self.last_maintenance = report
+            self._size_basis = (report.total_bytes, mark)
+            return report
 
     # -- the writer thread ----------------------------------------------------------------
 
@@ -345,6 +407,8 @@ class LogWriter:
             self._fail(exc, "write")
             return False
         else:
+            self._bytes_out += len(data)
+            self._check_size()  # before `written` moves, so settle() sees the request
             self.written += lines
             self._dirty = True
             return True
@@ -352,6 +416,17 @@ class LogWriter:
             data.release()
             self._buffer.clear()
             self._buffered = 0
+
+    def _check_size(self) -> None:
+        """Ask for a pass now if what was written since the last one takes the log over
+        ``retain_mb`` (not when that pass already could not get under it: then only the
+        file being written is left, and the next hour's pass deletes)."""
+        if self._size_basis is None or self._maintain_now.is_set():
+            return
+        total, mark = self._size_basis
+        limit = self.retain_mb * MIB
+        if total <= limit < total + self._bytes_out - mark:
+            self._maintain_now.set()
 
     def _flush(self) -> None:
         """Write the buffer and ``fdatasync`` the file: after this a power cut loses none
@@ -402,6 +477,5 @@ class LogWriter:
 
     def _maintain_loop(self) -> None:
         while not self._stop.is_set():
-            self._maintain(None, stop=self._stop.is_set)
+            self._maintain(None, stop=self._stop.is_set, due=True)
             self._maintain_now.wait(self.maintain_every_s)
-            self._maintain_now.clear()

@@ -240,11 +240,25 @@ def test_redact_replaces_user_and_narrator_text_with_hash_and_length(
         )
     )
     writer.append(make_envelope("heartbeat.rag", m.Heartbeat(state="busy"), ts=base_ts + 2))
+    result = m.TaskUpdate(
+        task="t1",
+        state="result",
+        message=f"you said {secret}",
+        data={"echo": secret, "lines": [secret], "n": 3, "nested": {"x": secret}},
+    )
+    writer.append(make_envelope("task.update", result, ts=base_ts + 3, sender="coder"))
+    cue = m.Cue(speak_now=True, priority=1, reason="r", cover=[secret], attachments=[secret])
+    writer.append(make_envelope("narrator.cue", cue, ts=base_ts + 4, sender="controller"))
     writer.close()
     path = writer.log_dir / hour_file_name(base_ts)
     raw = path.read_bytes()
     assert secret.encode() not in raw and spoken.encode() not in raw
-    turn, chunk, beat = (decoder.decode(line) for line in lines_of(path))
+    assert b"4111" not in raw  # not even in agent results or cues
+    turn, chunk, beat, update, cue_line = (decoder.decode(line) for line in lines_of(path))
+    assert isinstance(update.body, m.TaskUpdate) and update.body.state == "result"
+    assert update.body.data["n"] == 3 and update.body.task == "t1"
+    assert update.body.data["lines"] == [redact_text(secret)]
+    assert isinstance(cue_line.body, m.Cue) and cue_line.body.cover == [redact_text(secret)]
     assert isinstance(turn.body, m.UserTurn) and isinstance(chunk.body, m.Chunk)
     assert turn.body.text == redact_text(secret)
     assert (
