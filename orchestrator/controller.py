@@ -33,6 +33,9 @@ log = structlog.get_logger("controller")
 
 TICK_S = 0.2
 MISSED_HEARTBEATS_S = 5.0
+# an agent idle this long (no task running or queued) no longer holds a task it was
+# given: the update that finished it was lost (a broker restart drops what is in flight)
+ORPHANED_S = 5.0
 ROUTING_SUMMARY_TOKENS = 120  # of the conversation's summary in the routing prompt
 NOTICE_ACTIVE_S = 900.0  # conversations with a user turn this recent hear of system faults
 NOTICE_EVERY_S = 300.0  # at most one notice of a kind per conversation in this long
@@ -56,6 +59,7 @@ class TrackedTask:
     attempt: int = 1
     started: float = field(default_factory=time.monotonic)
     done: bool = False
+    running: bool = False  # its agent said it accepted it
 
 
 class Controller:
@@ -76,8 +80,12 @@ class Controller:
         self.active: dict[str, float] = {}  # conversation -> its last user turn (monotonic)
         self._told: dict[tuple[str, str], float] = {}  # (conversation, playbook) -> when
         self._storage_fault: tuple[str, float] | None = None  # the last one: reason, when
+        self.idle_since: dict[str, float] = {}  # agent -> since when it holds no task
+        # cues sent and not yet finished by the narrator: envelope id -> (conversation, cue)
+        self.unfinished: dict[str, tuple[str, m.Cue]] = {}
 
     async def run(self) -> None:
+        self._adopt()
         async with anyio.create_task_group() as tg:
             tg.start_soon(heartbeat_loop, self.bus, "controller", self._state)
             tg.start_soon(self._tick_loop)
@@ -106,7 +114,33 @@ class Controller:
     async def _emit(self, outs: list[Out]) -> None:
         for out in outs:
             topic = "narrator.cue" if isinstance(out.body, m.Cue) else "narrator.decision"
-            await self.bus.publish(topic, out.body, conversation=out.conversation)
+            sent = await self.bus.publish(topic, out.body, conversation=out.conversation)
+            if isinstance(out.body, m.Cue):
+                self.unfinished[sent.id] = (out.conversation, out.body)
+
+    def _adopt(self) -> None:
+        """Take over the tasks a previous controller left unfinished in the task graph,
+        so their results still reach the user (they are not retried: their text is not
+        kept; a failure is final)."""
+        try:
+            nodes = self.graph.nodes()
+        except (TaskGraphError, OSError) as exc:
+            log.warning("task_graph_unreadable", error=str(exc))
+            return
+        for node in nodes:
+            if node.state not in ("queued", "assigned", "running") or node.agent is None:
+                continue
+            conversation = node.conversation or node.id
+            task = TrackedTask(node.id, conversation, node.agent, "", ATTEMPTS.get(node.agent, 1))
+            task.running = node.state == "running"
+            self.tasks[node.id] = task
+            self.gate.task_started(conversation, node.id, node.turn or "")
+            if node.state == "queued":  # never handed out: its idle agent's check fails it
+                try:
+                    self.graph.transition(node.id, "assigned", agent=node.agent)
+                except (TaskGraphError, OSError) as exc:
+                    log.warning("task_graph_transition_failed", task=node.id, error=str(exc))
+            log.info("task_adopted", task=node.id, state=node.state, agent=node.agent)
 
     # -- user turns --------------------------------------------------------------------------
 
@@ -115,11 +149,14 @@ class Controller:
             return
         conversation = envelope.conversation or envelope.id
         self.active[conversation] = time.monotonic()
+        # the narrator drops what it had queued for this conversation when the user speaks
+        self.unfinished = {k: v for k, v in self.unfinished.items() if v[0] != conversation}
         text = envelope.body.text
         route = self._available(await self._route(text, conversation))
         log.info("routed", conversation=conversation, agents=route.agents, method=route.method)
         task_ids = [
-            await self._assign(conversation, agent, route.subtasks[agent]) for agent in route.agents
+            await self._assign(conversation, agent, route.subtasks[agent], turn=envelope.id)
+            for agent in route.agents
         ]
         cue_kind: m.CueKind = "ack" if task_ids else "answer"
         outs = self.gate.user_turn(
@@ -181,12 +218,20 @@ class Controller:
         return fit([section], ROUTING_SUMMARY_TOKENS, count)["summary"]
 
     async def _assign(
-        self, conversation: str, agent: str, text: str, attempt: int = 1, task_id: str | None = None
+        self,
+        conversation: str,
+        agent: str,
+        text: str,
+        attempt: int = 1,
+        task_id: str | None = None,
+        turn: str | None = None,
     ) -> str:
         task_id = task_id or f"{agent}-{m.new_id()[:12]}"
         try:
             if attempt == 1:
-                self.graph.add(task_id, kind=agent, conversation=conversation, agent=agent)
+                self.graph.add(
+                    task_id, kind=agent, conversation=conversation, agent=agent, turn=turn
+                )
             else:
                 self.graph.transition(task_id, "queued", error="retrying")
             self.graph.transition(task_id, "assigned", agent=agent)
@@ -218,6 +263,10 @@ class Controller:
         if task is None or task.done:
             return
         self.last_seen[task.agent] = time.monotonic()
+        if body.state != "accepted" and not task.running:
+            # it ran, though its `accepted` was lost: the graph must pass through running
+            await self._record(task.id, "running")
+        task.running = True
         match body.state:
             case "accepted":
                 await self._record(task.id, "running")
@@ -302,7 +351,13 @@ class Controller:
         await self._emit(self.gate.notice(conversation, playbook, reason))
 
     async def _on_heartbeat(self, envelope: m.Envelope) -> None:
-        self.last_seen[envelope.sender] = time.monotonic()
+        now = time.monotonic()
+        self.last_seen[envelope.sender] = now
+        body = envelope.body
+        if isinstance(body, m.Heartbeat) and body.task is None and body.queue_depth == 0:
+            self.idle_since.setdefault(envelope.sender, now)
+        else:
+            self.idle_since.pop(envelope.sender, None)
 
     async def _on_decision(self, envelope: m.Envelope) -> None:
         body = envelope.body
@@ -315,6 +370,7 @@ class Controller:
         if body.action == "spoken":
             self.gate.utterance_started(envelope.conversation, body.cue, body.reason)
         elif body.action == "finished":
+            self.unfinished.pop(body.cue, None)
             await self._emit(self.gate.utterance_finished(envelope.conversation, body.cue))
 
     async def _on_sys(self, envelope: m.Envelope) -> None:
@@ -325,6 +381,9 @@ class Controller:
             except ValueError:
                 known = False
             log.info("config", key=body.key, value=body.value, applied=known)
+        elif isinstance(body, m.ProcessEvent) and body.process == "narrator":
+            if envelope.topic == "sys.restart":
+                await self._narrator_restarted()
         elif isinstance(body, m.ProcessEvent) and envelope.topic in ("sys.restart", "sys.gave_up"):
             playbook = "agent_crashed" if envelope.topic == "sys.restart" else "task_failed"
             # only what the dead process held: a retry assigned since then is the new one's
@@ -336,6 +395,16 @@ class Controller:
             ]
             for task in held:
                 await self._failed(task, f"{body.process} {body.reason}", playbook)
+
+    async def _narrator_restarted(self) -> None:
+        """What the narrator had not finished saying died with it: say it again, after
+        a short notice, through the new narrator (cues are re-sent until acknowledged)."""
+        unfinished, self.unfinished = self.unfinished, {}
+        for cue_id, (conversation, cue) in unfinished.items():
+            log.info("cue_resent", conversation=conversation, cue=cue_id, kind=cue.kind)
+            again = msgspec.structs.replace(cue, playbook=cue.playbook or "narrator_restarted")
+            await self._emit([Out(conversation, again)])
+            await self._emit(self.gate.utterance_finished(conversation, cue_id))
 
     # -- the clock ---------------------------------------------------------------------------
 
@@ -349,6 +418,7 @@ class Controller:
                     DEADLINE_S.get(task.agent, 60.0) + 5.0
                 )  # the agent's own deadline fires first
                 silent = now - self.last_seen.get(task.agent, task.started)
+                idle = now - max(self.idle_since.get(task.agent, now), task.started)
                 if now - task.started > deadline:
                     await self._cancel(
                         task, f"passed its deadline of {deadline:g} s", "task_timeout"
@@ -359,6 +429,8 @@ class Controller:
                         f"{task.agent} missed its heartbeats for {silent:.0f} s",
                         "agent_crashed",
                     )
+                elif idle > ORPHANED_S:
+                    await self._cancel(task, f"{task.agent} no longer holds it", "")
 
     async def _cancel(self, task: TrackedTask, reason: str, playbook: str) -> None:
         await self.bus.publish(

@@ -164,8 +164,14 @@ class Gate:
         self._conv(conversation).notices.append((playbook, reason))
         return self.tick()
 
-    def task_started(self, conversation: str, task: str) -> None:
-        self._conv(conversation).running.add(task)
+    def task_started(self, conversation: str, task: str, turn: str = "") -> None:
+        """A task runs for ``conversation`` (serving the user turn ``turn``, when the
+        turn was not seen here: a task taken over from a controller that restarted)."""
+        c = self._conv(conversation)
+        c.running.add(task)
+        if turn:
+            self._turn_of[task] = turn
+            c.turn = c.turn or turn
 
     def utterance_started(self, conversation: str, cue_id: str, kind: str) -> None:
         c = self._conv(conversation)

@@ -97,6 +97,7 @@ class TaskNode(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int = 0  # times it was assigned
     result: str | None = None  # a summary of what it produced
     error: str | None = None  # why it last failed, or was cancelled or requeued
+    turn: str | None = None  # the user turn it serves (the id of its ``user.in`` envelope)
 
     def duration(self, now: float) -> float:
         """Seconds it ran (so far, when running), or has waited when not yet started."""
@@ -227,6 +228,7 @@ class TaskGraph:
         parent: str | None = None,
         depends_on: Sequence[str] = (),
         agent: str | None = None,
+        turn: str | None = None,
     ) -> TaskNode:
         """Add a queued task. ``parent`` and ``depends_on`` must name tasks in the graph."""
 
@@ -248,6 +250,7 @@ class TaskGraph:
                 agent=agent,
                 created=now,
                 updated=now,
+                turn=turn,
             )
             graph.nodes[task_id] = node
             return node

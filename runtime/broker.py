@@ -18,6 +18,7 @@ are never blocked; the slow one sees gaps in each sender's ``seq``.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import sys
 import threading
@@ -212,7 +213,7 @@ class Broker:
             wait = self._log.wait_s(time.monotonic())
             if hold_until:
                 wait = max(0.0, min(1.0 if wait is None else wait, hold_until - time.monotonic()))
-            ready = dict(poller.poll(1000 if wait is None else wait * 1000))
+            ready = dict(poller.poll(1000 if wait is None else math.ceil(wait * 1000)))
             if stop in ready:
                 return
             now = time.monotonic()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -41,7 +41,8 @@ def configure(
         )
     else:
         log_dir.mkdir(parents=True, exist_ok=True)
-        out = (log_dir / f"{process}.log").open("a", buffering=1, encoding="utf-8")
+        file = (log_dir / f"{process}.log").open("a", buffering=1, encoding="utf-8")
+        out = cast(TextIO, _BestEffort(file))  # it has all that print() uses
         if debug:
             processors.append(structlog.processors.format_exc_info)
         processors.append(structlog.processors.JSONRenderer())
@@ -52,6 +53,26 @@ def configure(
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(process=process)
+
+
+class _BestEffort:
+    """A log file whose write errors are dropped: a process must go on serving when its
+    own log cannot be written (a full disk), as the logging module's handlers do."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def write(self, text: str) -> int:
+        try:
+            return self._file.write(text)
+        except OSError:
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self._file.flush()
+        except OSError:
+            pass
 
 
 def _one_line_exception(sio: TextIO, exc_info: Any) -> None:

@@ -143,6 +143,7 @@ class TaskNodeOut(BaseModel):
     attempts: int = 0
     result: str | None = None
     error: str | None = None
+    turn: str | None = None  # the id of the user.in envelope the task serves
 
 
 class TasksOut(BaseModel):
