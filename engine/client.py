@@ -7,7 +7,10 @@
             print(chunk.delta, end="")
 
 One DEALER socket per client; a reader task routes each reply to the request that
-asked. Leaving a ``generate`` loop early cancels the request on the engine.
+asked. Leaving a ``generate`` loop early cancels the request on the engine. A watcher
+task fails every request in flight with ``EngineUnavailable`` the moment the connection
+drops (the engine exited or restarted): what it was computing is gone, and waiting out
+the reply timeout would keep the user in silence.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 from anyio.streams.memory import MemoryObjectSendStream
+from zmq.utils.monitor import parse_monitor_message
 
 from engine.protocol import (
     AnyReply,
@@ -58,7 +62,8 @@ class EngineError(ChorusError):
 
 
 class SessionLost(EngineError):
-    """The session was evicted (idle too long, or too many sessions); open it again."""
+    """The session was evicted (idle too long, or too many sessions), or the engine does
+    not know it (it restarted since it was opened); open it again."""
 
 
 class EngineUnavailable(ChorusError):
@@ -81,6 +86,8 @@ class Client:
         self._ids = itertools.count(1)
         self._prefix = f"{identity}-{os.getpid():x}-"
         self._tg: anyio.abc.TaskGroup | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+        self.disconnects = 0  # times the connection to the engine dropped
 
     @classmethod
     def connect(
@@ -96,11 +103,16 @@ class Client:
         sock.linger = 0
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # queue nothing for an engine that is not there: a request waits (up to the
+        # timeout) for a live connection instead of piling up for an engine started later
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         self._sock = sock
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._read_loop)
+        self._tg.start_soon(self._watch_loop)
         return self
 
     async def __aexit__(
@@ -109,14 +121,19 @@ class Client:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
-        for stream in self._waiting.values():
-            stream.close()
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        self._ctx.term()
+        try:
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+                await self._tg.__aexit__(None, None, None)
+        finally:  # closed from a cancelled task too: a socket left open hangs term() in GC
+            for stream in self._waiting.values():
+                stream.close()
+            if self._sock is not None:
+                if self._monitor is not None:
+                    self._sock.disable_monitor()
+                    self._monitor.close(linger=0)
+                self._sock.close(linger=0)
+            self._ctx.term()
 
     async def _read_loop(self) -> None:
         assert self._sock is not None
@@ -130,8 +147,18 @@ class Client:
             if stream is not None:
                 try:
                     stream.send_nowait(reply)
-                except (anyio.WouldBlock, anyio.BrokenResourceError):
+                except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
                     pass
+
+    async def _watch_loop(self) -> None:
+        """On a dropped connection, end every request in flight (see the module doc)."""
+        assert self._monitor is not None
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.disconnects += 1
+                for stream in self._waiting.values():
+                    stream.close()  # the request's receive ends: EngineUnavailable
 
     def _new_id(self) -> str:
         return f"{self._prefix}{next(self._ids)}"
@@ -146,16 +173,28 @@ class Client:
         send, recv = anyio.create_memory_object_stream[AnyReply](10_000)
         self._waiting[request.id] = send
         try:
-            await self._sock.send(encoder.encode(request))
+            with anyio.move_on_after(self.timeout) as sending:
+                await self._sock.send(encoder.encode(request))
+            if sending.cancelled_caught:
+                raise EngineUnavailable(
+                    f"the engine at {self.endpoint} took no request in {self.timeout:g} s; is it running?"
+                )
             while True:
                 with anyio.move_on_after(self.timeout) as scope:
-                    reply = await recv.receive()
+                    try:
+                        reply = await recv.receive()
+                    except anyio.EndOfStream:
+                        raise EngineUnavailable(
+                            f"the connection to the engine at {self.endpoint} dropped "
+                            "(it exited or restarted); the request is lost, send it again"
+                        ) from None
                 if scope.cancelled_caught:
                     raise EngineUnavailable(
                         f"no reply from the engine at {self.endpoint} in {self.timeout:g} s; is it running?"
                     )
                 if isinstance(reply, Failed):
-                    cls = SessionLost if reply.kind == "session_lost" else EngineError
+                    lost = reply.kind in ("session_lost", "unknown_session")
+                    cls = SessionLost if lost else EngineError
                     raise cls(reply.kind, reply.message)
                 yield reply
         finally:
@@ -242,10 +281,13 @@ class Client:
                     return
         finally:
             if not finished and self._sock is not None:
+                cancel = encoder.encode(Cancel(id=self._new_id(), request=request.id))
+                # never wait here: with no engine to take it, there is nothing to cancel
                 with anyio.CancelScope(shield=True):
-                    await self._sock.send(
-                        encoder.encode(Cancel(id=self._new_id(), request=request.id))
-                    )
+                    try:
+                        await self._sock.send(cancel, zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
 
     async def cancel(self, request: str) -> None:
         """Stop a running generation by its request id."""

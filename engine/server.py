@@ -50,7 +50,7 @@ from engine.protocol import (
     encoder,
     request_decoder,
 )
-from engine.sampling import Sampler
+from engine.sampling import Sampler, SamplingParams, SchemaError
 from runtime.acl import ENGINE_CALLERS
 from runtime.auth import Authenticator, identity_of
 from runtime.keys import curve_server
@@ -94,6 +94,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     busy: str | None = None  # the request generating from it
     temporary: bool = False  # a Complete's session: released when it ends
+    prefilled_at: float = 0.0  # when it last had a prefill chunk (sessions take turns)
 
 
 @dataclass
@@ -248,7 +249,13 @@ class EngineServer:
     def _handle(self, sock: zmq.Socket[Any], route: bytes, caller: str, payload: bytes) -> None:
         try:
             request = request_decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        # msgspec also lets out RecursionError (deep nesting) and UnicodeDecodeError
+        except (
+            msgspec.DecodeError,
+            msgspec.ValidationError,
+            RecursionError,
+            UnicodeDecodeError,
+        ) as exc:
             self._send(
                 sock,
                 route,
@@ -270,6 +277,9 @@ class EngineServer:
     ) -> Reply | None:
         match request:
             case Open(session=name, system_prompt=system):
+                old = self.sessions.get((caller, name))
+                if old is not None:  # a reset: the old session's queued work goes with it
+                    self._cancel_session(sock, old)
                 session = self._open(caller, name)
                 if system:
                     prompt = [Message(role="system", content=system)]
@@ -308,11 +318,10 @@ class EngineServer:
                     raise RequestError(
                         "bad_request", f"session {name!r} is empty; append a prompt first"
                     )
-                self._check_params(params)
-                self._queue(route, request.id, session, [], Sampler(params, self.tokenizer))
+                self._queue(route, request.id, session, [], self._sampler(params))
                 return None
             case Complete(params=params):
-                self._check_params(params)
+                sampler = self._sampler(params)
                 session = self._temporary(caller)
                 feed = (
                     self.templates.messages(request.messages, True, first=True)
@@ -328,7 +337,6 @@ class EngineServer:
                         "too_long",
                         f"{len(feed)} prompt tokens; the limit is {self.config.max_append_tokens}",
                     )
-                sampler = Sampler(params, self.tokenizer)
                 self._queue(route, request.id, session, feed, sampler, request.background)
                 return None
             case Cancel(request=target):
@@ -344,12 +352,17 @@ class EngineServer:
                 return self.stats(request.id)
         raise RequestError("bad_request", f"unknown request {type(request).__name__}")
 
-    def _check_params(self, params: Any) -> None:
+    def _sampler(self, params: SamplingParams) -> Sampler:
+        """The request's sampler, or a refusal naming what is wrong with its params."""
         if params.max_tokens > self.config.max_new_tokens:
             raise RequestError(
                 "too_long",
                 f"max_tokens {params.max_tokens} exceeds the limit of {self.config.max_new_tokens}",
             )
+        try:
+            return Sampler(params, self.tokenizer)
+        except SchemaError as exc:
+            raise RequestError("bad_request", str(exc)) from None
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -393,7 +406,7 @@ class EngineServer:
 
     def _make_room(self) -> None:
         while len(self.sessions) >= self.config.max_sessions:
-            idle = [s for s in self.sessions.values() if s.busy is None]
+            idle = [s for s in self.sessions.values() if self._idle(s)]
             if not idle:
                 raise RequestError(
                     "busy",
@@ -411,8 +424,13 @@ class EngineServer:
     def _evict_idle(self) -> None:
         now = time.monotonic()
         for session in list(self.sessions.values()):
-            if session.busy is None and now - session.last_used > self.config.idle_s:
+            if self._idle(session) and now - session.last_used > self.config.idle_s:
                 self._lose(session, "idle")
+
+    def _idle(self, session: Session) -> bool:
+        """Nothing queued or running: only such a session may be evicted (its cache is
+        recycled, and a queued prompt must never land in another session's cache)."""
+        return session.busy is None and not any(j.session is session for j in self.prefills)
 
     # -- work ---------------------------------------------------------------------------------
 
@@ -456,22 +474,33 @@ class EngineServer:
             self._decode_all(sock, background=background)
 
     def _prefill_one(self, sock: zmq.Socket[Any], background: bool) -> None:
-        job = next((j for j in self.prefills if background or not j.background), None)
+        job = self._next_prefill(background)
         if job is None:
             return
-        self.prefills.remove(job)
         if job.feed:
             limit = BACKGROUND_PREFILL_CHUNK if job.background else self.config.prefill_chunk
             n = min(limit, len(job.feed))
             chunk = [job.feed.popleft() for _ in range(n)]
             job.session.logits = self.model.prefill(chunk, job.session.cache, last_only=True)[-1]
+            job.session.prefilled_at = time.monotonic()
             self.forward_calls += 1
         if job.feed:
-            self.prefills.append(job)  # take turns with other prompts
-        elif job.sampler is None:
+            return  # its next chunk waits for the other sessions' turns
+        self.prefills.remove(job)
+        if job.sampler is None:
             self._send(sock, job.route, Done(id=job.request, tokens=job.session.cache.tokens_seen))
         else:
             self.streams.append(job)
+
+    def _next_prefill(self, background: bool) -> Job | None:
+        """The oldest job of the session prefilled least recently: each session's jobs in
+        order, and sessions take turns, so one session's backlog (a client flooding its
+        conversation) never holds up the others."""
+        firsts: dict[int, Job] = {}
+        for job in self.prefills:
+            if background or not job.background:
+                firsts.setdefault(id(job.session), job)
+        return min(firsts.values(), key=lambda j: j.session.prefilled_at, default=None)
 
     def _decode_all(self, sock: zmq.Socket[Any], background: bool) -> None:
         feeding: list[tuple[Job, int]] = []

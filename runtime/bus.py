@@ -177,16 +177,18 @@ class Bus:
         if self._closed:
             return
         self._closed = True
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
-        for sub in list(self._subs):
-            sub._send.close()  # ends every `async for` over it
-            sub._recv.close()
-        for sock in (self._pub, self._sub):
-            if sock is not None:
-                sock.close(linger=0)
-        self._ctx.term()
+        try:
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+                await self._tg.__aexit__(None, None, None)
+        finally:  # closed from a cancelled task too: a socket left open hangs term() in GC
+            for sub in list(self._subs):
+                sub._send.close()  # ends every `async for` over it
+                sub._recv.close()
+            for sock in (self._pub, self._sub):
+                if sock is not None:
+                    sock.close(linger=0)
+            self._ctx.term()
 
     async def _wait_ready(self) -> None:
         """Round-trip an ack to ourselves: proves both sockets reach the broker."""

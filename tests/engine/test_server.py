@@ -133,7 +133,64 @@ async def test_background_work_waits_while_a_foreground_request_runs(
     assert max(batches) == 1, batches  # never decoded side by side: the summary waited
 
 
-async def test_cancel_stops_a_stream_within_a_step(data: DataDir, engine: EngineServer) -> None:
+async def queued_at_least(engine: EngineServer, jobs: int) -> None:
+    with anyio.fail_after(10):
+        for _ in iter(int, 1):  # until the engine holds that many prompts
+            if len(engine.prefills) >= jobs:
+                return
+            await anyio.sleep(0.001)
+
+
+async def test_one_sessions_backlog_of_prompts_does_not_hold_up_another_session(
+    data: DataDir, engine: EngineServer
+) -> None:
+    """A client floods one session with appends (a user typing faster than the narrator
+    speaks, every turn queued); another session's append, sent after them, is served
+    within a few turns, not after the whole backlog (sessions take turns at prefill)."""
+    async with client(data) as llm, client(data, "controller") as other:
+        await llm.open("flood")
+        await other.open("calm")
+        order: list[str] = []
+
+        async def flood(i: int) -> None:
+            await llm.append("flood", text="The quick brown fox jumps over the lazy dog. " * 6)
+            order.append(f"flood-{i}")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(flood, i)
+            await queued_at_least(engine, 20)  # the backlog is in the engine
+            await other.append("calm", text="Paris is")
+            order.append("calm")
+    assert len(order) == 41
+    assert order.index("calm") < 10, order  # FIFO would serve it after every flood append
+
+
+async def test_reopening_a_session_drops_its_queued_prompts(
+    data: DataDir, engine: EngineServer
+) -> None:
+    """Open on a session that still has prompts queued (a narrator cut off mid-append
+    opens it again) cancels them: its cache is recycled, and they must not land in it."""
+    async with client(data) as llm:
+        await llm.open("fresh")
+        expected = await llm.append("fresh", text="Paris is")
+        await llm.open("s")
+        failed: list[str] = []
+
+        async def queued() -> None:
+            try:
+                await llm.append("s", text="The quick brown fox jumps over the lazy dog. " * 6)
+            except EngineError as exc:
+                failed.append(str(exc))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(queued)
+            await queued_at_least(engine, 10)
+            await llm.open("s")  # reset while they wait
+            assert await llm.append("s", text="Paris is") == expected
+    assert failed and all("cancelled" in reason for reason in failed), failed
+
     async with client(data) as llm:
         await llm.open("long")
         await llm.append("long", text="The quick brown fox")
@@ -203,6 +260,11 @@ async def test_bad_requests_get_errors_and_the_engine_keeps_serving(
         await llm._sock.send(bad)
         await anyio.sleep(0.2)
         assert (await llm.stats()).model == "tiny"
+        broken = SamplingParams(json_schema={"type": "no-such-type"})
+        with pytest.raises(EngineError, match="json_schema is not usable") as schema:
+            await llm.complete_text(prompt="hi", params=broken)
+        assert schema.value.kind == "bad_request"
+        assert (await llm.stats()).sessions == 1  # the refused complete left no session behind
 
 
 async def test_complete_keeps_no_session(data: DataDir, engine: EngineServer) -> None:
@@ -246,3 +308,20 @@ async def test_a_stranger_key_is_refused(data: DataDir, engine: EngineServer) ->
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+async def test_requests_in_flight_fail_at_once_when_the_engine_goes_away(
+    data: DataDir, engine: EngineServer
+) -> None:
+    """The engine stops mid-stream: the stream ends with EngineUnavailable as soon as the
+    connection drops, long before the reply timeout (60 s here)."""
+    async with client(data, timeout=60) as llm:
+        await llm.open("s")
+        await llm.append("s", text="The quick brown fox")
+        started = anyio.current_time()
+        with pytest.raises(EngineUnavailable, match="dropped"):
+            async for _ in llm.generate("s", SamplingParams(temperature=0, max_tokens=4000)):
+                if engine.forward_calls > 5:
+                    await anyio.to_thread.run_sync(engine.stop)
+        assert anyio.current_time() - started < 30
+        assert llm.disconnects == 1
