@@ -14,9 +14,12 @@ import time
 ALL = [
     "bus",
     "log_query",
+    "retention",
     "routing",
     "retrieval",
     "e2e",
+    "faults",
+    "load",
     "engine_perplexity",
     "engine_constant_cost",
     "engine_recompute",
