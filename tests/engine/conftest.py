@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -11,6 +13,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from engine import Model, ModelArgs, load_model
+from engine.server import EngineConfig, EngineServer
+from runtime.paths import DataDir
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -85,3 +89,30 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def real() -> tuple[Any, Any]:
     """The default SmolLM2-135M-Instruct (converted once into the user's cache)."""
     return load_model(device="cpu")
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@contextmanager
+def serving_tiny(
+    data: DataDir, tokenizer: PreTrainedTokenizerFast, config: EngineConfig
+) -> Iterator[EngineServer]:
+    """The real engine server (its ROUTER socket, ZAP handler and loop) on a tiny random
+    model, in a thread, for the instance in ``data`` (keys already made)."""
+    tokenizer.chat_template = CHATML
+    _, model = tiny_pair(vocab_size=len(tokenizer))
+    server = EngineServer(
+        model, tokenizer, data.ipc("engine"), data.keys, config, model_name="tiny"
+    )
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    assert server.ready.wait(20)
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(10)

@@ -3,7 +3,6 @@ batching, cancellation, eviction and bad requests, through the real socket and c
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import anyio
@@ -19,30 +18,16 @@ from engine.sampling import SamplingParams
 from engine.server import EngineConfig, EngineServer
 from runtime.keys import load_public
 from runtime.paths import DataDir
-from tests.engine.conftest import tiny_pair
+from tests.engine.conftest import serving_tiny
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
 
 @pytest.fixture
 def engine(data: DataDir, tiny_tokenizer: PreTrainedTokenizerFast) -> Iterator[EngineServer]:
-    tokenizer = tiny_tokenizer
-    tokenizer.chat_template = CHATML
-    _, model = tiny_pair(vocab_size=len(tokenizer))
     config = EngineConfig(sink=2, window=30, idle_s=60, max_append_tokens=400)
-    server = EngineServer(
-        model, tokenizer, data.ipc("engine"), data.keys, config, model_name="tiny"
-    )
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    assert server.ready.wait(10)
-    yield server
-    server.stop()
-    thread.join(10)
+    with serving_tiny(data, tiny_tokenizer, config) as server:
+        yield server
 
 
 def client(data: DataDir, identity: str = "narrator", timeout: float = 10) -> Client:

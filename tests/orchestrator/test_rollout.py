@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,13 +39,8 @@ from runtime.errors import ConfigError
 from runtime.keys import ensure_keys
 from runtime.paths import DataDir
 from runtime.settings import Settings
-from tests.engine.conftest import tiny_pair, tiny_tokenizer  # noqa: F401 (a fixture)
+from tests.engine.conftest import serving_tiny, tiny_tokenizer  # noqa: F401 (a fixture)
 from tests.orchestrator.conftest import MakeEnvelope, WriteLog
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def conversations(on_candidate: bool, percent: float, n: int) -> list[str]:
@@ -337,23 +331,13 @@ def tiny_engine(
 ) -> Iterator[DataDir]:
     """A data directory whose engine socket is served by a tiny random model (no
     ``endpoints.json`` names it: the narrator finds it at ``data.ipc("engine")``)."""
-    from engine.server import EngineConfig, EngineServer
+    from engine.server import EngineConfig
 
     data = DataDir(tmp_path / "data")
     data.ensure()
     ensure_keys(data.keys)
-    tiny_tokenizer.chat_template = CHATML
-    _, model = tiny_pair(vocab_size=len(tiny_tokenizer))
-    config = EngineConfig(sink=4, window=252, idle_s=600)
-    server = EngineServer(
-        model, tiny_tokenizer, data.ipc("engine"), data.keys, config, model_name="tiny"
-    )
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    assert server.ready.wait(20)
-    yield data
-    server.stop()
-    thread.join(10)
+    with serving_tiny(data, tiny_tokenizer, EngineConfig(sink=4, window=252, idle_s=600)):
+        yield data
 
 
 async def test_a_failing_canary_is_rolled_back_and_no_user_turn_is_lost(

@@ -5,7 +5,6 @@ running instance with a real gateway in front of it, shared by this package's te
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,13 +19,9 @@ from engine.server import EngineConfig, EngineServer
 from runtime.acl import WORKERS
 from runtime.keys import ensure_keys
 from runtime.paths import DataDir
-from tests.engine.conftest import tiny_pair, tiny_tokenizer  # noqa: F401 (a fixture)
+from tests.engine.conftest import serving_tiny, tiny_tokenizer  # noqa: F401 (a fixture)
 from tests.gateway.conftest import Gateway, Instance
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 HANDSHAKE_ENDS = {
     zmq.EVENT_HANDSHAKE_SUCCEEDED: "succeeded",
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused",  # ZAP said no: an unknown or unwanted key
@@ -38,18 +33,9 @@ HANDSHAKE_ENDS = {
 @pytest.fixture
 def engine(data: DataDir, tiny_tokenizer: PreTrainedTokenizerFast) -> Iterator[EngineServer]:  # noqa: F811
     """The real engine server (its ROUTER socket, ZAP handler and loop) on a tiny model."""
-    tiny_tokenizer.chat_template = CHATML
-    _, model = tiny_pair(vocab_size=len(tiny_tokenizer))
     config = EngineConfig(sink=2, window=30, idle_s=60, max_append_tokens=400)
-    server = EngineServer(
-        model, tiny_tokenizer, data.ipc("engine"), data.keys, config, model_name="tiny"
-    )
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    assert server.ready.wait(10)
-    yield server
-    server.stop()
-    thread.join(10)
+    with serving_tiny(data, tiny_tokenizer, config) as server:
+        yield server
 
 
 @dataclass(frozen=True)
