@@ -362,6 +362,8 @@ export interface components {
             result?: string | null;
             /** Error */
             error?: string | null;
+            /** Turn */
+            turn?: string | null;
         };
         /** TasksOut */
         TasksOut: {
@@ -703,6 +705,15 @@ export interface operations {
             };
             /** @description Validation Error */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Too Many Requests */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
