@@ -130,11 +130,16 @@ def normalize(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, turned: torch.Tensor | None = None
+) -> torch.Tensor:
     """Apply RoPE (rotate-half layout). x: [N, H, D]; cos, sin: [N, D] from `Model.rope`,
     whose `sin` carries rotate-half's sign (-sin on the first half), so the partner
-    [-x2, x1] * sin is a plain `roll`: x * cos + roll(x) * sin."""
-    return torch.addcmul(x * cos[:, None], x.roll(x.shape[-1] // 2, -1), sin[:, None])
+    [-x2, x1] * sin is a plain `roll`: x * cos + roll(x) * sin. ``turned``: roll(x), when
+    the caller already has it (one roll serves two rotations of a query)."""
+    if turned is None:
+        turned = x.roll(x.shape[-1] // 2, -1)
+    return torch.addcmul(x * cos[:, None], turned, sin[:, None])
 
 
 def attend(
@@ -321,9 +326,9 @@ class Model:
         qk_cols = (a.n_heads + a.n_kv_heads) * a.head_dim
         qk = qkv[:, :qk_cols].view(n, -1, a.head_dim)  # [N, Hq + Hkv, D]
         turned = qk.roll(a.head_dim // 2, -1)
-        qk = torch.addcmul(qk * cos[:, None], turned, sin[:, None])
+        qk = rotate(qk, cos, sin, turned)
         q = qkv[:, : a.n_heads * a.head_dim].view(n, a.n_heads, a.head_dim)
-        q_sink = torch.addcmul(q * cos_m[:, None], turned[:, : a.n_heads], sin_m[:, None])
+        q_sink = rotate(q, cos_m, sin_m, turned[:, : a.n_heads])
         v = qkv[:, qk_cols:].view(n, a.n_kv_heads, a.head_dim)
         return qk[:, : a.n_heads], q_sink, qk[:, a.n_heads :], v
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,17 +49,21 @@ class SchemaError(ValueError):
     """A ``json_schema`` that cannot constrain decoding (invalid, or a feature not supported)."""
 
 
-_grammar_tokenizers: dict[tuple[int, tuple[int, ...]], LLTokenizer] = {}
+# per tokenizer (weakly: an id() could be reused by another tokenizer), per stop-id set
+_grammar_tokenizers: weakref.WeakKeyDictionary[
+    PreTrainedTokenizerBase, dict[tuple[int, ...], LLTokenizer]
+] = weakref.WeakKeyDictionary()
 
 
 def grammar_tokenizer(tokenizer: PreTrainedTokenizerBase, stop_ids: Collection[int]) -> LLTokenizer:
     """llguidance's view of ``tokenizer`` (built once per tokenizer: it takes about a second)."""
     from llguidance.hf import from_tokenizer
 
-    key = (id(tokenizer), tuple(sorted(stop_ids)))
-    if key not in _grammar_tokenizers:
-        _grammar_tokenizers[key] = from_tokenizer(tokenizer, eos_token=list(key[1]) or None)  # type: ignore[arg-type]
-    return _grammar_tokenizers[key]
+    built = _grammar_tokenizers.setdefault(tokenizer, {})
+    stops = tuple(sorted(stop_ids))
+    if stops not in built:
+        built[stops] = from_tokenizer(tokenizer, eos_token=list(stops) or None)  # type: ignore[arg-type]
+    return built[stops]
 
 
 def schema_matcher(

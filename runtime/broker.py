@@ -327,7 +327,7 @@ class Broker:
         xpub.send(frames[0], _SNDMORE, copy=False)
         xpub.send(frames[1], 0, copy=False)
         self.stats.forwarded += 1
-        self._log.append(payload, time.monotonic())
+        self._log.append(payload)
 
     def _verdict(self, identity: str, topic: str, body: type[m.Body]) -> tuple[str, str] | None:
         """The ACL and topic/body checks, cached: both depend only on these three."""
@@ -366,7 +366,7 @@ class Broker:
         envelope = self._stamper.stamp(topic, body)
         payload = m.encode(envelope)
         xpub.send_multipart([topic.encode(), payload])
-        self._log.append(payload, time.monotonic())
+        self._log.append(payload)
 
 
 def serve(data: DataDir, **options: Any) -> None:

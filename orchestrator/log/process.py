@@ -7,10 +7,10 @@ it, about 1 ms).
 The broker starts it (``python -m orchestrator.log.process``) and talks to it over one
 PAIR socket on ``ipc``:
 
-* broker -> writer: the envelopes the broker forwarded, at most ``BATCH_S`` or
-  ``BATCH_MAX`` of them at a time, as one msgpack array whose items are the payloads exactly as forwarded (a header and the
-  payloads joined, so the writer decodes a batch in one call); an empty frame means
-  "flush and exit";
+* broker -> writer: the envelopes the broker forwarded, every ``BATCH_S`` or
+  ``BATCH_MAX`` envelopes, as one msgpack array whose items are the payloads exactly
+  as forwarded (a header and the payloads joined, so the writer decodes a batch in one
+  call); an empty frame means "flush and exit";
 * writer -> broker: ``F`` + message when a storage error starts (or changes), ``R``
   when writes succeed again. The broker publishes the first as a ``Fault`` on
   ``event.broker``.
@@ -145,7 +145,7 @@ class LogProcess:
             *(["--redact"] if redact else []),
         ]
         self.failing: str | None = None  # the storage error the writer reports, while it lasts
-        self.dropped = 0  # envelopes the writer could not take (it fell 1M behind, or died)
+        self.dropped = 0  # envelopes the writer could not take (HANDOFF_HWM behind, or dead)
         self._pending: list[bytes | memoryview] = []
         self._since = 0.0  # when the oldest pending envelope was appended
         self.sock: zmq.Socket[Any] | None = None
@@ -179,10 +179,10 @@ class LogProcess:
             )
         return sock
 
-    def append(self, payload: bytes | memoryview, now: float) -> None:
+    def append(self, payload: bytes | memoryview) -> None:
         """Queue one encoded envelope for the next :meth:`flush`."""
-        if not self._pending:
-            self._since = now
+        if not self._pending:  # only a batch's first envelope needs the clock
+            self._since = time.monotonic()
         self._pending.append(payload)
 
     def wait_s(self, now: float) -> float | None:
