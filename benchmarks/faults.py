@@ -57,6 +57,7 @@ import psutil
 from benchmarks._common import save_plot, write_json
 from runtime import messages as m
 from runtime.embed import Connection, connect
+from runtime.gateway.feeds import read_sse
 from runtime.paths import DataDir
 
 Kind = Literal["kill9", "sigstop", "disk_full", "corrupt"]
@@ -331,7 +332,7 @@ class Harness:
                         turn.outcome, turn.detail = "playbook", f"HTTP {r.status_code}"
                         return conversation
                     conversation = r.headers.get("X-Chorus-Conversation", conversation)
-                    async for event, data in _sse(r):
+                    async for event, data in read_sse(r.aiter_lines()):
                         turn.first = turn.first or time.monotonic()
                         if event == "chunk":
                             deltas.append((data["delta"], data["notice"]))
@@ -526,21 +527,6 @@ async def until(condition: Callable[..., bool], *args: Any, every_s: float = 0.5
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
-
-
-async def _sse(response: httpx.Response) -> Any:
-    """(event, data) pairs of a Server-Sent Events response, comments skipped."""
-    event, data = "", ""
-    async for line in response.aiter_lines():
-        if line.startswith(":"):
-            continue
-        if line.startswith("event: "):
-            event = line.removeprefix("event: ")
-        elif line.startswith("data: "):
-            data = line.removeprefix("data: ")
-        elif line == "" and event:
-            yield event, json.loads(data)
-            event, data = "", ""
 
 
 # what the processes log when they notice a fault (other warnings are often the late

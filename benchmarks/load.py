@@ -66,6 +66,7 @@ import psutil
 from benchmarks._common import percentile, save_plot, write_json
 from runtime import messages as m
 from runtime.embed import Connection, connect
+from runtime.gateway.feeds import read_sse
 from runtime.paths import DataDir
 
 TURN_TIMEOUT_S = 300.0  # the gateway's own answer timeout; a turn past it is an error
@@ -311,14 +312,7 @@ async def gateway_turn(
                     turn.error = f"HTTP {response.status_code}"
                     return conversation
                 conversation = response.headers["x-chorus-conversation"]
-                event = ""
-                async for line in response.aiter_lines():
-                    if line.startswith("event: "):
-                        event = line.removeprefix("event: ")
-                        continue
-                    if not line.startswith("data: "):
-                        continue
-                    data = json.loads(line.removeprefix("data: "))
+                async for event, data in read_sse(response.aiter_lines()):
                     if event == "chunk":
                         if turn.first_s != turn.first_s:
                             turn.first_s = time.perf_counter() - started

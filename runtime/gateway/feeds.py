@@ -13,11 +13,13 @@
 from __future__ import annotations
 
 import collections
+import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -221,6 +223,22 @@ def sse(event: str, data: BaseModel | bytes) -> bytes:
     """One Server-Sent Event (the data is one line of JSON)."""
     payload = data if isinstance(data, bytes) else data.model_dump_json().encode()
     return b"event: " + event.encode() + b"\ndata: " + payload + b"\n\n"
+
+
+async def read_sse(lines: AsyncIterable[str]) -> AsyncIterator[tuple[str, Any]]:
+    """The (event, data) pairs of what :func:`sse` wrote, read back from its lines
+    (e.g. ``httpx.Response.aiter_lines()``); comments are skipped."""
+    event, data = "", ""
+    async for line in lines:
+        if line.startswith(":"):
+            continue
+        if line.startswith("event: "):
+            event = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            data = line.removeprefix("data: ")
+        elif line == "" and event:
+            yield event, json.loads(data)
+            event, data = "", ""
 
 
 async def follow_turn(

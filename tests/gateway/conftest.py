@@ -3,7 +3,6 @@ narrator, no engine) and real ``python -m runtime serve`` processes in front of 
 
 from __future__ import annotations
 
-import json
 import queue
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
+from runtime.gateway.feeds import read_sse
 from runtime.keys import ensure_keys
 from runtime.paths import DataDir
 
@@ -204,16 +204,6 @@ def sse() -> SseEvents:
     return sse_events
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """(event, data) pairs of a Server-Sent Events response, comments skipped."""
-    event, data = "", ""
-    async for line in response.aiter_lines():
-        if line.startswith(":"):
-            continue
-        if line.startswith("event: "):
-            event = line.removeprefix("event: ")
-        elif line.startswith("data: "):
-            data = line.removeprefix("data: ")
-        elif line == "" and event:
-            yield event, json.loads(data)
-            event, data = "", ""
+    return read_sse(response.aiter_lines())
