@@ -43,6 +43,23 @@ def generate(sampler: Sampler, logits: list[torch.Tensor]) -> str:
     raise AssertionError("did not finish")
 
 
+def real_generation(
+    model: Model, tokenizer: Any, question: str, params: SamplingParams
+) -> tuple[str, Sampler]:
+    """The model's answer to one user message, decoded token by token under ``params``."""
+    messages = [{"role": "user", "content": question}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    cache = model.new_cache()
+    logits = model.prefill(ids, cache, last_only=True)[0]
+    sampler = Sampler(params, tokenizer)
+    text = ""
+    while not sampler.finished:
+        token = sampler.pick(logits)
+        text += sampler.accept(token)
+        logits = model.decode_one_token(token, cache)
+    return text, sampler
+
+
 def test_greedy_is_argmax(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
     sampler = Sampler(SamplingParams(temperature=0), tiny_tokenizer)
     for logits in random_logits(20, 320):
@@ -166,17 +183,10 @@ def test_sampling_params_validate_and_travel_as_msgpack() -> None:
 def test_real_model_answers_with_one_of_the_choices(real: tuple[Model, Any]) -> None:
     model, tokenizer = real
     question = "What is the capital of France? Answer with one city."
-    messages = [{"role": "user", "content": question}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
     choices = ["Paris", "London", "Berlin", "Madrid"]
-    cache = model.new_cache()
-    logits = model.prefill(ids, cache, last_only=True)[0]
-    sampler = Sampler(SamplingParams(temperature=0, choices=choices), tokenizer)
-    text = ""
-    while not sampler.finished:
-        token = sampler.pick(logits)
-        text += sampler.accept(token)
-        logits = model.decode_one_token(token, cache)
+    text, _ = real_generation(
+        model, tokenizer, question, SamplingParams(temperature=0, choices=choices)
+    )
     assert text == "Paris"
     for seed in range(10):  # random logits over the real 49k vocabulary
         sampler = Sampler(SamplingParams(seed=seed, choices=choices), tokenizer)
@@ -186,16 +196,8 @@ def test_real_model_answers_with_one_of_the_choices(real: tuple[Model, Any]) -> 
 @pytest.mark.slow
 def test_real_model_greedy_generation_stops_on_a_stop_string(real: tuple[Model, Any]) -> None:
     model, tokenizer = real
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
-    cache = model.new_cache()
-    logits = model.prefill(ids, cache, last_only=True)[0]
-    sampler = Sampler(SamplingParams(temperature=0, max_tokens=40, stop=["Paris"]), tokenizer)
-    text = ""
-    while not sampler.finished:
-        token = sampler.pick(logits)
-        text += sampler.accept(token)
-        logits = model.decode_one_token(token, cache)
+    params = SamplingParams(temperature=0, max_tokens=40, stop=["Paris"])
+    text, sampler = real_generation(model, tokenizer, "What is the capital of France?", params)
     assert sampler.finish_reason == "stop"
     assert text == "The capital of France is "
 
@@ -262,16 +264,8 @@ def test_an_unusable_json_schema_is_a_schema_error(tiny_tokenizer: PreTrainedTok
 @pytest.mark.slow
 def test_real_model_fills_a_json_schema(real: tuple[Model, Any]) -> None:
     model, tokenizer = real
-    messages = [{"role": "user", "content": "Which agent writes Python code? Answer in JSON."}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
-    cache = model.new_cache()
-    logits = model.prefill(ids, cache, last_only=True)[0]
     params = SamplingParams(temperature=0, max_tokens=60, json_schema=ROUTE_SCHEMA)
-    sampler = Sampler(params, tokenizer)
-    text = ""
-    while not sampler.finished:
-        token = sampler.pick(logits)
-        text += sampler.accept(token)
-        logits = model.decode_one_token(token, cache)
+    question = "Which agent writes Python code? Answer in JSON."
+    text, sampler = real_generation(model, tokenizer, question, params)
     assert sampler.finish_reason == "stop"
     assert valid_route(text), text

@@ -198,6 +198,18 @@ def gateway_on() -> Iterator[Callable[..., Gateway]]:
 SseEvents = Callable[[httpx.Response], AsyncIterator[tuple[str, dict[str, Any]]]]
 
 
+# every route that needs the token (the page, /login, /healthz and the API docs do not)
+TOKEN_ROUTES = [
+    ("GET", "/v1/agents"),
+    ("GET", "/v1/tasks"),
+    ("GET", "/v1/logs"),
+    ("GET", "/v1/decisions"),
+    ("GET", "/v1/events"),
+    ("GET", "/metrics"),
+    ("POST", "/v1/chat"),
+]
+
+
 @pytest.fixture
 def sse() -> SseEvents:
     """Reads a Server-Sent Events response as (event, data) pairs."""

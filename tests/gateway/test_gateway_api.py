@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx2 as httpx
 
+from tests.gateway.conftest import TOKEN_ROUTES
+
 if TYPE_CHECKING:  # the fixtures' types; pytest provides the fixtures themselves
     from conftest import Gateway, SseEvents
 
@@ -37,15 +39,7 @@ async def test_api_routes_refuse_a_missing_or_wrong_token_with_a_json_401(
     gateway: Gateway,
 ) -> None:
     async with gateway.client(auth=False) as client:
-        for method, path in (
-            ("GET", "/v1/agents"),
-            ("GET", "/v1/tasks"),
-            ("GET", "/v1/logs"),
-            ("GET", "/v1/decisions"),
-            ("GET", "/v1/events"),
-            ("GET", "/metrics"),
-            ("POST", "/v1/chat"),
-        ):
+        for method, path in TOKEN_ROUTES:
             for headers in ({}, {"Authorization": "Bearer not-the-token"}):
                 response = await client.request(method, path, headers=headers, json={"text": "hi"})
                 assert response.status_code == 401, (method, path)

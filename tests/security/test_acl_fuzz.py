@@ -388,21 +388,15 @@ def run(
     assert any(t == "user.out" for t in monitor.forwarded.values())
 
 
-def test_acl_fuzz_10k_messages_through_a_real_broker(data: DataDir, ctx: zmq.Context[Any]) -> None:
+@pytest.mark.parametrize(
+    "count",
+    [10_000, pytest.param(100_000, marks=[pytest.mark.slow, pytest.mark.timeout(600)])],
+    ids=["10k", "100k"],
+)
+def test_acl_fuzz_through_a_real_broker(data: DataDir, ctx: zmq.Context[Any], count: int) -> None:
     broker = BrokerProcess(data, "--max-bytes", str(MAX_BYTES))
     broker.start()
     try:
-        fuzz(data, broker, ctx, 10_000)
-    finally:
-        assert broker.stop() == 0
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_acl_fuzz_100k_messages_through_a_real_broker(data: DataDir, ctx: zmq.Context[Any]) -> None:
-    broker = BrokerProcess(data, "--max-bytes", str(MAX_BYTES))
-    broker.start()
-    try:
-        fuzz(data, broker, ctx, 100_000)
+        fuzz(data, broker, ctx, count)
     finally:
         assert broker.stop() == 0

@@ -19,20 +19,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.gateway.conftest import sse_events
+from runtime.gateway.options import DEFAULT_MAX_STREAMS
+from tests.gateway.conftest import TOKEN_ROUTES, sse_events
 
 from .conftest import Served
 
-TOKEN_ROUTES = [
-    ("GET", "/v1/agents"),
-    ("GET", "/v1/tasks"),
-    ("GET", "/v1/logs"),
-    ("GET", "/v1/decisions"),
-    ("GET", "/v1/events"),
-    ("GET", "/metrics"),
-    ("POST", "/v1/chat"),
-]
-STREAMS_PER_TOKEN = 32  # GatewayConfig.streams_per_token, the default `serve` runs with
+STREAMS_PER_TOKEN = DEFAULT_MAX_STREAMS  # the default `serve` runs with
 
 
 async def status_of(client: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> int:
