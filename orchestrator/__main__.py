@@ -23,6 +23,7 @@ from runtime.paths import DataDir
 
 from .canary import Policy, Voice
 from .gating import GateConfig
+from .narrator import FORGET_S
 from .process import until_signalled
 
 ENGINE_TIMEOUT_S = 60.0
@@ -80,6 +81,7 @@ async def serve(
                 candidate_engine=candidate_engine,
                 policy=policy,
                 shadow=shadow,
+                forget_s=args.forget_s,
             ).run
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker)
@@ -154,6 +156,7 @@ def add_narrator_arguments(parser: argparse.ArgumentParser) -> None:
         ("--canary-max-error-delta", policy.max_error_delta, "error rate over the baseline's"),
         ("--canary-max-latency-ratio", policy.max_latency_ratio, "first-token time ratio"),
         ("--canary-timeout-s", ENGINE_TIMEOUT_S, "the candidate's engine answers within"),
+        ("--forget-s", FORGET_S, "a conversation quiet this long is forgotten"),
     ):
         n.add_argument(flag, type=type(value), default=value, help=f"{what} (default {value:g})")
 

@@ -18,6 +18,11 @@ ends with an ``interrupted`` chunk, and the engine request with it), before the
 controller has even routed the turn: the user barged in. A cue with ``preempt`` does
 the same, for the controller's own reasons.
 
+A conversation quiet for ``forget_s`` (the engine's idle eviction time, so its session
+is gone there too) is forgotten here: its speaker ends and its state is dropped, so a
+narrator that serves conversation after conversation stays the same size. Its next cue
+starts it afresh, from the rolling summary.
+
 After a turn closes, the narrator brings the conversation's rolling summary up to date
 (``orchestrator/log/summarize.py``); a session reopened after eviction starts from it.
 Prompt material is fitted to token budgets counted with the engine's tokenizer.
@@ -74,6 +79,7 @@ SUMMARY_QUIET_S = 15.0
 ENGINE_DOWN_REPEAT_S = 60.0  # the engine_down playbook at most this often per conversation
 SUMMARY_TOKENS = 300  # of the rolling summary in a reopened session's system prompt
 NOTES_TOKENS = 400  # of agent notes in one progress or result cue
+FORGET_S = 900.0  # a conversation quiet this long is forgotten (as the engine's idle_s)
 SEEN_CUES = 10_000  # cue ids remembered: the shadow gets every re-send (it never acks)
 MODEL_CUES = frozenset({"answer", "progress", "result"})  # what a canary measures
 
@@ -126,7 +132,8 @@ class Narrator:
     """Serves until cancelled. ``engine`` is the engine client of ``voice`` (the baseline).
 
     ``candidate`` (with ``policy``) runs a canary; ``candidate_engine`` is the candidate's
-    engine client when it has its own. ``shadow``: serve as ``narrator-shadow``."""
+    engine client when it has its own. ``shadow``: serve as ``narrator-shadow``.
+    ``forget_s``: a conversation quiet this long is forgotten."""
 
     def __init__(
         self,
@@ -139,8 +146,10 @@ class Narrator:
         candidate_engine: Client | None = None,
         policy: Policy | None = None,
         shadow: bool = False,
+        forget_s: float = FORGET_S,
     ) -> None:
         self.bus = bus
+        self.forget_s = forget_s
         self.data = data
         self.engine = engine
         self.shadow = shadow
@@ -219,13 +228,21 @@ class Narrator:
         c.wake.set()
 
     async def _speaker(self, conversation: str, c: _Conversation) -> None:
-        """One utterance at a time per conversation, in cue order."""
-        while True:
-            while not c.queue:
-                c.wake = anyio.Event()
-                await c.wake.wait()
-            envelope = c.queue.pop(0)
-            await self._speak(conversation, c, envelope)
+        """One utterance at a time per conversation, in cue order, until the conversation
+        has been quiet for ``forget_s``: then it is forgotten."""
+        try:
+            while True:
+                while not c.queue:
+                    c.wake = anyio.Event()
+                    with anyio.move_on_after(self.forget_s):
+                        await c.wake.wait()
+                    if not c.queue:
+                        return
+                envelope = c.queue.pop(0)
+                await self._speak(conversation, c, envelope)
+        finally:
+            if self.conversations.get(conversation) is c:
+                del self.conversations[conversation]
 
     async def _speak(self, conversation: str, c: _Conversation, envelope: m.Envelope) -> None:
         cue = envelope.body
@@ -535,12 +552,12 @@ class Narrator:
         self._tg.start_soon(self._summarize, conversation)
 
     async def _summarize(self, conversation: str) -> None:
-        c = self.conversations[conversation]
         try:
             while True:
                 self._resummarize.discard(conversation)
                 await anyio.sleep(SUMMARY_QUIET_S)
-                if conversation in self._resummarize or c.current or c.queue:
+                c = self.conversations.get(conversation)  # None: forgotten since
+                if conversation in self._resummarize or (c and (c.current or c.queue)):
                     continue  # still talking
                 try:
                     done = await summarize.update(

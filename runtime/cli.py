@@ -374,6 +374,7 @@ def narrator_flags(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]
     """The narrator's flags and the shadow narrator's (None: no shadow) for ``settings``;
     raises ConfigError when a prompt, a sampling or the canary's policy is not valid."""
     from orchestrator.canary import Policy, Voice
+    from orchestrator.narrator import FORGET_S
 
     candidate = Voice(
         settings.candidate_prompt, settings.candidate_sampling, settings.candidate_engine
@@ -399,9 +400,12 @@ def narrator_flags(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]
     def path(value: Path | None) -> str | None:
         return None if value is None else str(value.expanduser().resolve())
 
+    # the narrator forgets a quiet conversation when the engine evicts its session
+    forget = settings.engine_idle_s if settings.engine_idle_s != FORGET_S else None
     narrator = _flags(
         ("--prompt", path(settings.narrator_prompt)),
         ("--sampling", settings.narrator_sampling or None),
+        ("--forget-s", forget),
     )
     if has_candidate:
         narrator += _flags(
@@ -421,6 +425,7 @@ def narrator_flags(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]
                 ("--prompt", path(candidate.prompt)),
                 ("--sampling", candidate.sampling or None),
                 ("--engine", candidate.engine),
+                ("--forget-s", forget),
             )
             if has_candidate
             else narrator

@@ -184,6 +184,9 @@ def test_launch_settings_become_narrator_and_shadow_flags_the_narrator_accepts(
     assert voice == Voice() and candidate == Voice(prompt.resolve(), "temperature=0.9")
     assert policy.percent == 5 and policy.min_samples == 20
     assert cli.narrator_flags(Settings.load()[0]) == ((), None)  # nothing asked, nothing added
+    # the narrator forgets a quiet conversation when the engine evicts its session
+    narrator, _ = cli.narrator_flags(Settings.load(engine_idle_s=60)[0])
+    assert build_parser().parse_args(["narrator", *narrator]).forget_s == 60
     with pytest.raises(ConfigError, match="needs a candidate"):
         cli.narrator_flags(Settings.load(canary_percent=5)[0])
     with pytest.raises(ConfigError, match="cannot read the prompt"):
