@@ -4,10 +4,15 @@ It reads ``user.in``, ``task.update``, ``heartbeat.*``, ``narrator.decision`` an
 ``sys.*``; writes tasks into the task graph; publishes ``task.assign.<agent>`` and
 ``narrator.cue`` (both at-least-once) and every decision on ``narrator.decision``.
 The rules of speaking live in :mod:`orchestrator.gating`; this module is the plumbing.
+
+A controller that starts takes over what the one before it left: unfinished tasks from
+the task graph, and user turns it never routed and cues the narrator never finished
+from the bus log (:mod:`orchestrator.recovery`).
 """
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +26,7 @@ from runtime.bus import Bus
 from runtime.errors import ChorusError
 from runtime.paths import DataDir
 
+from . import recovery
 from .budget import Section, fit
 from .gating import Gate, GateConfig, Out, TaskEvent
 from .log import summarize
@@ -39,6 +45,7 @@ ORPHANED_S = 5.0
 ROUTING_SUMMARY_TOKENS = 120  # of the conversation's summary in the routing prompt
 NOTICE_ACTIVE_S = 900.0  # conversations with a user turn this recent hear of system faults
 NOTICE_EVERY_S = 300.0  # at most one notice of a kind per conversation in this long
+TURNS_SEEN = 10_000  # user turn ids remembered, so a turn recovered from the log runs once
 # per task kind: how many attempts, and the deadline of each
 ATTEMPTS = {"coder": 2, "search": 2, "rag": 2}
 # generous: on a busy 2-core CPU a 200-token answer from the rag agent takes minutes
@@ -83,12 +90,14 @@ class Controller:
         self.idle_since: dict[str, float] = {}  # agent -> since when it holds no task
         # cues sent and not yet finished by the narrator: envelope id -> (conversation, cue)
         self.unfinished: dict[str, tuple[str, m.Cue]] = {}
+        self._turns_seen: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     async def run(self) -> None:
-        self._adopt()
+        served = self._adopt()
         async with anyio.create_task_group() as tg:
             tg.start_soon(heartbeat_loop, self.bus, "controller", self._state)
             tg.start_soon(self._tick_loop)
+            tg.start_soon(self._recover, served)
             for prefix, handler in (
                 ("user.in", self._on_user_turn),
                 ("task.update", self._on_task_update),
@@ -118,15 +127,15 @@ class Controller:
             if isinstance(out.body, m.Cue):
                 self.unfinished[sent.id] = (out.conversation, out.body)
 
-    def _adopt(self) -> None:
+    def _adopt(self) -> set[str]:
         """Take over the tasks a previous controller left unfinished in the task graph,
         so their results still reach the user (they are not retried: their text is not
-        kept; a failure is final)."""
+        kept; a failure is final). Returns the user turns the graph has tasks for."""
         try:
             nodes = self.graph.nodes()
         except (TaskGraphError, OSError) as exc:
             log.warning("task_graph_unreadable", error=str(exc))
-            return
+            return set()
         for node in nodes:
             if node.state not in ("queued", "assigned", "running") or node.agent is None:
                 continue
@@ -141,11 +150,38 @@ class Controller:
                 except (TaskGraphError, OSError) as exc:
                     log.warning("task_graph_transition_failed", task=node.id, error=str(exc))
             log.info("task_adopted", task=node.id, state=node.state, agent=node.agent)
+        return {node.turn for node in nodes if node.turn}
+
+    async def _recover(self, served: set[str]) -> None:
+        """Handle the user turns a previous controller acknowledged but never routed, and
+        keep the cues the narrator never finished, both read from the bus log."""
+        found = await anyio.to_thread.run_sync(recovery.read, self.data.logs, served)
+        self.unfinished = found.unfinished | self.unfinished
+        for envelope in found.turns:
+            assert isinstance(envelope.body, m.UserTurn)
+            conversation = envelope.conversation or envelope.id
+            log.info("turn_recovered", conversation=conversation, turn=envelope.id)
+            if recovery.redacted(envelope.body.text):  # its words are gone: ask again
+                if self._first_time(envelope.id):
+                    self.active[conversation] = time.monotonic()
+                    lost = self.gate.turn_lost(conversation, envelope.id, "controller_restarted")
+                    await self._emit(lost)
+            else:
+                await self._on_user_turn(envelope)
 
     # -- user turns --------------------------------------------------------------------------
 
+    def _first_time(self, turn: str) -> bool:
+        """Whether user turn ``turn`` is new here (the log and a re-send may both bring it)."""
+        if turn in self._turns_seen:
+            return False
+        self._turns_seen[turn] = None
+        if len(self._turns_seen) > TURNS_SEEN:
+            self._turns_seen.popitem(last=False)
+        return True
+
     async def _on_user_turn(self, envelope: m.Envelope) -> None:
-        if not isinstance(envelope.body, m.UserTurn):
+        if not isinstance(envelope.body, m.UserTurn) or not self._first_time(envelope.id):
             return
         conversation = envelope.conversation or envelope.id
         self.active[conversation] = time.monotonic()

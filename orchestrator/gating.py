@@ -164,6 +164,20 @@ class Gate:
         self._conv(conversation).notices.append((playbook, reason))
         return self.tick()
 
+    def turn_lost(self, conversation: str, turn: str, playbook: str) -> list[Out]:
+        """A user turn that cannot be answered (its words are gone): the playbook's line
+        closes it at once."""
+        cue = m.Cue(
+            speak_now=True,
+            priority=PRIORITY["playbook"],
+            reason=f"playbook {playbook}",
+            kind="playbook",
+            playbook=playbook,
+            closes_turn=True,
+            turn=turn,
+        )
+        return [Out(conversation, cue)]
+
     def task_started(self, conversation: str, task: str, turn: str = "") -> None:
         """A task runs for ``conversation`` (serving the user turn ``turn``, when the
         turn was not seen here: a task taken over from a controller that restarted)."""
