@@ -183,7 +183,8 @@ class Violation(Body, frozen=True, kw_only=True):
 
 class ProcessEvent(Body, frozen=True, kw_only=True):
     """The supervisor's word on a child: ``sys.started``, ``sys.stopped``,
-    ``sys.restart`` or ``sys.gave_up``."""
+    ``sys.restart``, ``sys.gave_up`` or ``sys.silent`` (no heartbeat, or for the engine
+    no ``engine.stats``, for 5 s)."""
 
     process: str
     reason: str = ""

@@ -4,6 +4,9 @@
 started in order (broker first), each waited for until ready, and watched: a child
 that exits or misses 5 heartbeats is restarted with exponential backoff (0.5 s doubling
 to 30 s); after 5 restarts within 60 s the supervisor gives up on it (``sys.gave_up``).
+The engine is not killed for silence (its ``engine.stats`` come every 2 s from a thread
+of its own, and its sessions are costly to lose): when they stop for 5 s it is reported
+as ``sys.silent``, once per silent spell; its exit is what restarts it.
 Stopping sends SIGTERM to every child (the broker last), waits up to 10 s, then
 SIGKILLs stragglers, and removes the sockets and the pid file.
 """
@@ -69,6 +72,7 @@ class Child:
     ready: anyio.Event = field(default_factory=anyio.Event)
     gave_up: bool = False
     kill_reason: str = ""
+    silent_told: bool = False  # sys.silent was published for the current silent spell
 
 
 def python_argv(*args: str) -> list[str]:
@@ -298,14 +302,18 @@ class Supervisor:
                 log.warning("bus_silent", seconds=round(now - freshest, 1))
                 continue
             for child in watched:
-                if child.spec.ready == "engine":
-                    continue  # the engine reports every 2 s; its exit is what restarts it
                 silent = now - child.last_heartbeat
-                if silent > MISSED_HEARTBEATS * HEARTBEAT_S and child.process is not None:
+                if silent <= MISSED_HEARTBEATS * HEARTBEAT_S or child.process is None:
+                    child.silent_told = False
+                    continue
+                if not child.silent_told:
+                    child.silent_told = True
+                    log.warning("child_silent", process=child.spec.name, silent_s=round(silent, 1))
+                    await self._announce("sys.silent", child, f"silent for {silent:.1f} s")
+                if child.spec.ready != "engine":
                     child.kill_reason = (
                         f"missed {MISSED_HEARTBEATS} heartbeats ({silent:.1f} s silent)"
                     )
-                    log.warning("child_silent", process=child.spec.name, silent_s=round(silent, 1))
                     _signal(child.process, signal.SIGKILL)
                     child.last_heartbeat = now
 

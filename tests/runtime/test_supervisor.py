@@ -88,13 +88,18 @@ async def test_silent_child_is_killed_and_restarted(tmp_path: Path) -> None:
     data = DataDir(tmp_path / "data")
     async with Runtime(data.root, agents=ECHO, engine=False, orchestration=False) as rt:
         first = await next_heartbeat(rt, "coder")
-        os.kill(first.pid, signal.SIGSTOP)
-        try:
-            again = await next_heartbeat(rt, "coder", other_than=first.pid)
-        finally:
-            if pid_alive(first.pid):
-                os.kill(first.pid, signal.SIGKILL)
-        assert again.pid != first.pid
+        with rt.subscribe("sys.silent") as silent:
+            os.kill(first.pid, signal.SIGSTOP)
+            try:
+                again = await next_heartbeat(rt, "coder", other_than=first.pid)
+            finally:
+                if pid_alive(first.pid):
+                    os.kill(first.pid, signal.SIGKILL)
+            assert again.pid != first.pid
+            with anyio.fail_after(5):
+                said = await anext(silent)
+        assert isinstance(said.body, m.ProcessEvent) and said.body.process == "coder"
+        assert said.body.pid == first.pid and "silent for" in said.body.reason
 
 
 async def test_supervisor_gives_up_on_a_child_that_keeps_dying(
@@ -164,8 +169,9 @@ def test_launch_cli_starts_and_stops_on_ctrl_c(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_launch_with_the_engine_restarts_it_after_a_kill(tmp_path: Path) -> None:
-    """The real default model: the engine is ready when it reports on the bus, and a
-    killed engine comes back and serves again."""
+    """The real default model: the engine is ready when it reports on the bus; a frozen
+    engine is reported (``sys.silent``) but not killed; a killed engine comes back and
+    serves again."""
     from engine.client import Client
     from engine.sampling import SamplingParams
 
@@ -176,6 +182,18 @@ async def test_launch_with_the_engine_restarts_it_after_a_kill(tmp_path: Path) -
             first = await anext(stats)
             assert isinstance(first.body, m.EngineStats) and first.body.device == "cpu"
             old = child_pid(rt, "engine")
+            with rt.subscribe("sys.silent") as silent:
+                os.kill(old, signal.SIGSTOP)
+                try:
+                    said = await anext(silent)
+                finally:
+                    os.kill(old, signal.SIGCONT)
+                    resumed = time.time()
+            assert isinstance(said.body, m.ProcessEvent) and said.body.process == "engine"
+            async for env in stats:  # it reports again, the same process
+                if env.ts > resumed + 3:
+                    break
+            assert child_pid(rt, "engine") == old
             os.kill(old, signal.SIGKILL)
             async for _ in stats:
                 if child_pid(rt, "engine") != old:
