@@ -55,6 +55,9 @@ TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
 FINISHED: frozenset[NodeState] = frozenset({"succeeded", "failed", "cancelled"})
 GRAPH_VERSION = 1
 ARCHIVE_EVERY_S = 3600  # how often writes archive finished tasks past retain_s
+ARCHIVE_RETAIN_S = 90 * 86400  # archived tasks not updated for this long are dropped
+# the archive is rewritten once its oldest task is this far past its retention: daily
+ARCHIVE_SLACK_S = 86400
 
 T = TypeVar("T")
 
@@ -124,7 +127,9 @@ class TaskGraph:
     """The task graph file of one data directory; safe to use from many processes.
 
     Finished tasks not updated for ``retain_s`` (7 days) move to the archive: the first
-    write of each hour does it, or :meth:`archive` when called.
+    write of each hour does it, or :meth:`archive` when called. Archived tasks not
+    updated for ``archive_retain_s`` (90 days; None keeps them for ever) are dropped
+    from the archive as it is written, at most daily.
     """
 
     def __init__(
@@ -133,6 +138,7 @@ class TaskGraph:
         *,
         lock_timeout: float = 30.0,
         retain_s: float = 7 * 86400,
+        archive_retain_s: float | None = ARCHIVE_RETAIN_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
@@ -140,6 +146,7 @@ class TaskGraph:
         self.archive_path = self.path.with_name("tasks.archive.jsonl")
         self.lock_timeout = lock_timeout
         self.retain_s = retain_s
+        self.archive_retain_s = archive_retain_s
         self._clock = clock
         self._last_archive = -float("inf")  # the first write archives what is due
         # a short poll: writes take milliseconds, and a waiter should not sleep past them
@@ -348,7 +355,29 @@ class TaskGraph:
         for node in moved:
             del graph.nodes[node.id]
         log.info("tasks_archived", count=len(moved), file=str(self.archive_path))
+        self._prune_archive_locked(self._clock())
         return [n.id for n in moved]
+
+    def _prune_archive_locked(self, now: float) -> None:
+        """Drop archived tasks not updated for ``archive_retain_s``, once the oldest is
+        ``ARCHIVE_SLACK_S`` past it. The archive is rewritten whole (temp file, fsync,
+        rename), so a crash leaves the old archive or the new one; a line that does not
+        decode is kept as it is."""
+        if self.archive_retain_s is None:
+            return
+        cutoff = now - self.archive_retain_s
+        try:
+            with self.archive_path.open("rb") as f:
+                oldest = next(filter(None, map(_updated, f)), now)  # the first that decodes
+            if oldest > cutoff - ARCHIVE_SLACK_S:
+                return
+            lines = self.archive_path.read_bytes().splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and (_updated(line) or now) > cutoff]
+            write_atomic(self.archive_path, b"".join(kept))
+        except OSError as exc:  # the archive keeps what it had; the next pass tries again
+            log.warning("task_archive_not_pruned", file=str(self.archive_path), error=str(exc))
+            return
+        log.info("task_archive_pruned", dropped=len(lines) - len(kept), kept=len(kept))
 
     def _load_locked(self) -> TaskGraphFile:
         try:
@@ -626,3 +655,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _updated(line: bytes) -> float | None:
+    """When the archived task on ``line`` was last updated; None if it does not decode
+    (such a line is never dropped)."""
+    try:
+        return _node_decoder.decode(line).updated
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None

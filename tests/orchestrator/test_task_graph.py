@@ -236,6 +236,42 @@ def test_writes_archive_finished_tasks_past_retention_by_themselves(
     assert [n.id for n in graph.archived()] == ["old"]
 
 
+def test_the_archive_drops_tasks_past_its_own_retention_and_keeps_unreadable_lines(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    day = 86400.0
+    path = tmp_path / "tasks.graph.json"
+    graph = TaskGraph(path, retain_s=0, archive_retain_s=10 * day, clock=clock)
+
+    def finish(task: str) -> None:
+        graph.add(task, kind="x")
+        graph.transition(task, "cancelled")
+        graph.archive()
+
+    finish("t0")  # updated at day 0
+    clock.now += 5 * day
+    finish("t1")  # day 5
+    with graph.archive_path.open("ab") as f:
+        f.write(b'{"torn mid-line\n')  # does not decode: kept as it is
+    clock.now += 5.5 * day
+    finish("t2")  # day 10.5: t0 is past retention, not yet past the daily slack
+    lines = graph.archive_path.read_bytes().splitlines()
+    assert len(lines) == 4
+    clock.now += 1 * day
+    finish("t3")  # day 11.5: t0 goes; t1 (6.5 days old) stays
+    lines = graph.archive_path.read_bytes().splitlines()
+    assert lines[1] == b'{"torn mid-line'
+    ids = [msgspec.json.decode(line)["id"] for i, line in enumerate(lines) if i != 1]
+    assert ids == ["t1", "t2", "t3"]
+    # None keeps the archive for ever
+    clock.now += 100 * day
+    forever = TaskGraph(path, retain_s=0, archive_retain_s=None, clock=clock)
+    forever.add("t4", kind="x")
+    forever.transition("t4", "cancelled")
+    forever.archive()
+    assert len(graph.archive_path.read_bytes().splitlines()) == 5
+
+
 def test_a_lock_held_by_a_killed_process_is_free_at_once(graph: TaskGraph) -> None:
     graph.add("a", kind="x")
     with worker("hold", str(graph.path)) as holder:
