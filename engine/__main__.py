@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--device", default=None, help="cuda, mps or cpu (default: the best available)"
         )
         p.add_argument("--sink", type=int, default=4, help="attention sink tokens (default 4)")
+        if name == "serve":
+            p.add_argument(
+                "--name",
+                default="engine",
+                choices=["engine", "engine-candidate"],
+                help="engine-candidate: the second engine, serving a canary's candidate model "
+                "on its own socket (default engine)",
+            )
         p.add_argument(
             "--window", type=int, default=1020, help="rolling window tokens (default 1020)"
         )
@@ -110,7 +118,7 @@ def _server(args: argparse.Namespace, data: DataDir, endpoint: str) -> Any:
     return EngineServer(model, tokenizer, endpoint, data.keys, config, model_name=name)
 
 
-def _publish_stats(server: Any, data: DataDir) -> None:
+def _publish_stats(server: Any, data: DataDir, name: str) -> None:
     """``engine.stats`` on the bus every 2 s, from a thread of its own (the model loop
     never waits for the bus). Without a broker (a standalone engine) it keeps waiting."""
     from runtime import messages as m
@@ -131,6 +139,7 @@ def _publish_stats(server: Any, data: DataDir) -> None:
                     cache_fill=s.cache_fill,
                     device=s.device,
                     resident_mb=s.resident_mb,
+                    name=name,
                 )
                 await bus.publish("engine.stats", body)
                 await anyio.sleep(STATS_EVERY_S)
@@ -145,11 +154,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     data = DataDir.at(args.data_dir)
     data.ensure()
     ensure_keys(data.keys)
-    server = _server(args, data, data.ipc("engine"))
+    server = _server(args, data, data.ipc(args.name))
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     stats = threading.Thread(
-        target=_publish_stats, args=(server, data), name="engine-stats", daemon=True
+        target=_publish_stats, args=(server, data, args.name), name="engine-stats", daemon=True
     )
     stats.start()
     server.serve()
@@ -219,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     data = DataDir.at(args.data_dir)
     logconfig.configure(
-        "engine",
+        getattr(args, "name", "engine"),  # engine-candidate logs apart
         log_dir=data.process_logs if args.log_json else None,
         debug=args.debug,
         console=False if args.log_json else None,

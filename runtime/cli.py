@@ -97,6 +97,11 @@ def _rollout_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--candidate-engine", metavar="ENDPOINT", help="its own engine")
     g.add_argument(
+        "--candidate-model",
+        metavar="PATH",
+        help="its own model, served by a second engine that launch starts",
+    )
+    g.add_argument(
         "--shadow-narrator",
         action="store_true",
         default=None,
@@ -370,6 +375,23 @@ def child_flags(
     return broker, engine, controller
 
 
+def candidate_engine_flags(settings: Settings) -> tuple[str, ...] | None:
+    """The flags of the second engine that serves the candidate's model: the engine's,
+    with ``candidate_model`` (None: no candidate model); raises ConfigError when the
+    candidate's engine is asked for twice, or with no engine at all."""
+    if settings.candidate_model is None:
+        return None
+    if settings.candidate_engine:
+        raise ConfigError(
+            "set --candidate-model (launch serves it) or --candidate-engine (an engine you "
+            "run), not both"
+        )
+    if not settings.engine:
+        raise ConfigError("--candidate-model needs the engine; it is switched off (--no-engine)")
+    _, engine, _ = child_flags(settings.model_copy(update={"model": settings.candidate_model}))
+    return engine
+
+
 def narrator_flags(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
     """The narrator's flags and the shadow narrator's (None: no shadow) for ``settings``;
     raises ConfigError when a prompt, a sampling or the canary's policy is not valid."""
@@ -447,6 +469,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
         check_bind(settings.bind, settings.allow_remote)
     broker_args, engine_args, controller_args = child_flags(settings)
+    candidate_engine_args = candidate_engine_flags(settings)
+    if candidate_engine_args is not None:  # the candidate voice speaks through it
+        settings = settings.model_copy(update={"candidate_engine": data.ipc("engine-candidate")})
     narrator_args, shadow_args = narrator_flags(settings)
 
     exit_code = [0]
@@ -478,6 +503,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
             controller_args=controller_args,
             narrator_args=narrator_args,
             shadow_args=shadow_args,
+            candidate_engine_args=candidate_engine_args,
         )
         supervisor = Supervisor(data, specs, on_ready=ready if not args.ask else None)
         gateway = None

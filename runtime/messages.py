@@ -135,7 +135,8 @@ class Heartbeat(Body, frozen=True, kw_only=True):
 
 
 class EngineStats(Body, frozen=True, kw_only=True):
-    """The engine's figures, on ``engine.stats``."""
+    """The engine's figures, on ``engine.stats``. ``name``: ``engine``, or
+    ``engine-candidate`` for the second engine that serves a canary's candidate model."""
 
     tokens_per_s: float
     sessions: int
@@ -143,6 +144,7 @@ class EngineStats(Body, frozen=True, kw_only=True):
     cache_fill: float
     device: str
     resident_mb: float
+    name: str = "engine"
 
 
 class ConfigChange(Body, frozen=True, kw_only=True):

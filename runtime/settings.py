@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     candidate_engine: str | None = Field(
         None, description="endpoint of another engine for the candidate (empty: the instance's)"
     )
+    candidate_model: str | None = Field(
+        None,
+        description="a model for the candidate (local HF dir or .gguf): launch serves it from a "
+        "second engine, engine-candidate",
+    )
     shadow_narrator: bool = Field(
         False, description="run the candidate as narrator-shadow, speaking on shadow.user.out"
     )
@@ -269,6 +274,7 @@ FLAGS: dict[str, str] = {
     "candidate_prompt": "candidate_prompt",
     "candidate_sampling": "candidate_sampling",
     "candidate_engine": "candidate_engine",
+    "candidate_model": "candidate_model",
     "shadow_narrator": "shadow_narrator",
     "canary_percent": "canary_percent",
     "canary_min_samples": "canary_min_samples",

@@ -96,9 +96,12 @@ def default_specs(
     controller_args: tuple[str, ...] = (),
     narrator_args: tuple[str, ...] = (),
     shadow_args: tuple[str, ...] | None = None,
+    candidate_engine_args: tuple[str, ...] | None = None,
 ) -> list[ChildSpec]:
     """The children of a full launch, in start order (``engine=False`` leaves it out;
-    ``shadow_args`` adds the shadow narrator, ``narrator-shadow``, with those flags)."""
+    ``shadow_args`` adds the shadow narrator, ``narrator-shadow``, with those flags;
+    ``candidate_engine_args`` a second engine, ``engine-candidate``, for a canary's
+    candidate model)."""
     common = ["--data-dir", str(data.root), "--log-json", *(["--debug"] if debug else [])]
     with_engine = engine and engine_available()
     if with_engine:
@@ -111,6 +114,12 @@ def default_specs(
                 "engine", python_argv("-m", "engine", "serve", *common, *engine_args), "engine"
             )
         )
+        if candidate_engine_args is not None:
+            argv = python_argv(
+                "-m", "engine", "serve", "--name", "engine-candidate", *common,
+                *candidate_engine_args,
+            )  # fmt: skip
+            specs.append(ChildSpec("engine-candidate", argv, "engine"))
     elif engine:
         log.info("engine_skipped", reason="the engine server is not in this build")
     if orchestration:
@@ -269,7 +278,8 @@ class Supervisor:
 
     async def _count_beats(self, sub: Any) -> None:
         async for env in sub:
-            name = "engine" if env.topic == "engine.stats" else env.topic.removeprefix("heartbeat.")
+            body = env.body
+            name = body.name if isinstance(body, m.EngineStats) else env.topic.split(".", 1)[1]
             child = self.children.get(name)
             if child is not None:
                 child.last_heartbeat = time.monotonic()

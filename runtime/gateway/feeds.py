@@ -88,7 +88,7 @@ class Observer:
                 agent = self._agent(envelope.topic.removeprefix("heartbeat."))
                 agent.beat, agent.last_heartbeat = body, envelope.ts
                 agent.restarting = agent.gave_up = False
-            case m.EngineStats():
+            case m.EngineStats() if body.name == "engine":  # not a canary's candidate engine
                 self.engine, self.engine_ts = body, envelope.ts
             case m.ProcessEvent() if envelope.topic == "sys.restart":
                 self.restarts[body.process] += 1

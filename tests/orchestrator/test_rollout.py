@@ -400,3 +400,51 @@ async def test_a_failing_canary_is_rolled_back_and_no_user_turn_is_lost(
     logged = query_envelopes(data.logs, LogQuery(topics=("event.narrator",)))
     actions = [e.body.action for e in logged if isinstance(e.body, m.Rollout)]
     assert actions == ["start", "rollback", "skipped"], actions
+
+
+# -- a candidate model ----------------------------------------------------------------------
+
+
+def test_a_candidate_model_gets_the_engine_flags_and_conflicts_are_named(tmp_path: Path) -> None:
+    assert cli.candidate_engine_flags(Settings.load()[0]) is None
+    flags = cli.candidate_engine_flags(
+        Settings.load(candidate_model="/models/next.gguf", window=500, engine_idle_s=60)[0]
+    )
+    assert flags is not None
+    assert flags[flags.index("--model") + 1] == "/models/next.gguf"
+    assert flags[flags.index("--window") + 1] == "500"  # the engine's own settings
+    with pytest.raises(ConfigError, match="not both"):
+        cli.candidate_engine_flags(
+            Settings.load(candidate_model="/m.gguf", candidate_engine="ipc:///x")[0]
+        )
+    with pytest.raises(ConfigError, match="needs the engine"):
+        cli.candidate_engine_flags(Settings.load(candidate_model="/m.gguf", engine=False)[0])
+
+
+@pytest.mark.slow
+def test_launch_serves_a_candidate_model_from_a_second_engine_that_the_canary_speaks_through(
+    tmp_path: Path,
+) -> None:
+    """The real default model as the candidate's too: launch starts ``engine-candidate``,
+    and with the canary at 100% the answer is made there, not on the first engine."""
+    import subprocess
+    import sys
+
+    from engine.weights import default_model_path
+
+    data = DataDir(tmp_path / "data")
+    argv = [sys.executable, "-m", "runtime", "launch", "--data-dir", str(data.root)]
+    argv += ["--candidate-model", str(default_model_path()), "--canary-percent", "100"]
+    env = {**os.environ, "CHORUS_RAG_METHOD": "bm25"}  # no MiniLM index to build
+    done = subprocess.run(
+        [*argv, "--ask", "hello!"], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip()
+    logged = list(query_envelopes(data.logs, LogQuery(topics=("engine.stats", "event.narrator"))))
+    stats = [e.body for e in logged if isinstance(e.body, m.EngineStats)]
+    assert any(s.name == "engine-candidate" and s.sessions >= 1 for s in stats), stats
+    assert all(s.sessions == 0 for s in stats if s.name == "engine"), stats
+    rollouts = [e.body for e in logged if isinstance(e.body, m.Rollout)]
+    assert any(r.action == "start" and r.percent == 100 for r in rollouts), rollouts
+    assert (data.process_logs / "engine-candidate.log").exists()
