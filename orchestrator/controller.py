@@ -45,6 +45,7 @@ ORPHANED_S = 5.0
 ROUTING_SUMMARY_TOKENS = 120  # of the conversation's summary in the routing prompt
 NOTICE_ACTIVE_S = 900.0  # conversations with a user turn this recent hear of system faults
 NOTICE_EVERY_S = 300.0  # at most one notice of a kind per conversation in this long
+FORGET_EVERY_S = 60.0  # how often records of quiet conversations are dropped
 TURNS_SEEN = 10_000  # user turn ids remembered, so a turn recovered from the log runs once
 # per task kind: how many attempts, and the deadline of each
 ATTEMPTS = {"coder": 2, "search": 2, "rag": 2}
@@ -314,7 +315,7 @@ class Controller:
                     )
                 )
             case "result":
-                task.done = True
+                self._done(task)
                 await self._record(task.id, "succeeded", result=body.message[:500])
                 text = _result_text(task.agent, body)
                 event = TaskEvent(
@@ -329,8 +330,14 @@ class Controller:
             case "failed" | "cancelled":
                 await self._failed(task, body.message or body.state)
 
-    async def _failed(self, task: TrackedTask, reason: str, playbook: str = "") -> None:
+    def _done(self, task: TrackedTask) -> None:
+        """No more work on ``task`` (a retry is tracked afresh); later updates of it are
+        ignored."""
         task.done = True
+        self.tasks.pop(task.id, None)
+
+    async def _failed(self, task: TrackedTask, reason: str, playbook: str = "") -> None:
+        self._done(task)
         if task.attempt < ATTEMPTS.get(task.agent, 1):
             log.info("task_retry", task=task.id, reason=reason)
             await self._record(task.id, "failed", error=reason)
@@ -445,10 +452,14 @@ class Controller:
     # -- the clock ---------------------------------------------------------------------------
 
     async def _tick_loop(self) -> None:
+        forget_at = time.monotonic() + FORGET_EVERY_S
         while True:
             await anyio.sleep(TICK_S)
             await self._emit(self.gate.tick())
             now = time.monotonic()
+            if now >= forget_at:
+                forget_at = now + FORGET_EVERY_S
+                self._forget(now)
             for task in [t for t in self.tasks.values() if not t.done]:
                 deadline = (
                     DEADLINE_S.get(task.agent, 60.0) + 5.0
@@ -467,6 +478,12 @@ class Controller:
                     )
                 elif idle > ORPHANED_S:
                     await self._cancel(task, f"{task.agent} no longer holds it", "")
+
+    def _forget(self, now: float) -> None:
+        """Drop per-conversation records past their use, so a controller that serves
+        conversation after conversation stays the same size (the gate forgets its own)."""
+        self.active = {c: at for c, at in self.active.items() if now - at < NOTICE_ACTIVE_S}
+        self._told = {k: at for k, at in self._told.items() if now - at < NOTICE_EVERY_S}
 
     async def _cancel(self, task: TrackedTask, reason: str, playbook: str) -> None:
         await self.bus.publish(

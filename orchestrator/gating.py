@@ -44,6 +44,7 @@ class GateConfig:
     min_gap_s: float = 4.0  # between two progress updates
     idle_s: float = 8.0  # silence while tasks run before a progress cue
     coalesce_s: float = 0.3  # events this close together share one cue
+    forget_s: float = 900.0  # a conversation with nothing going on this long is forgotten
 
 
 EventKind = Literal["progress", "result", "failed"]
@@ -202,11 +203,21 @@ class Gate:
     # -- the clock -------------------------------------------------------------------------
 
     def tick(self) -> list[Out]:
-        """Flush what may be said now and run the idle watchdog; call it often."""
+        """Flush what may be said now and run the idle watchdog; call it often.
+        Conversations with nothing going on for ``forget_s`` are forgotten here."""
         out: list[Out] = []
+        quiet = []
         for conversation, c in self._convs.items():
             out += self._flush(conversation, c)
+            if self._quiet(c):
+                quiet.append(conversation)
+        for conversation in quiet:
+            del self._convs[conversation]
         return out
+
+    def _quiet(self, c: _Conversation) -> bool:
+        busy = c.speaking or c.pending or c.running or c.notices
+        return not busy and self.clock() - c.last_heard > self.config.forget_s
 
     def _flush(self, conversation: str, c: _Conversation) -> list[Out]:
         now = self.clock()
@@ -303,6 +314,9 @@ class Gate:
             attachments=[a for e in events for a in e.attachments],
             turn=self._turn_of.get(events[0].task, c.turn),
         )
+        if kind == "result":  # these tasks are done: a late duplicate is dropped unheard
+            for task in tasks:
+                self._turn_of.pop(task, None)
         out.append(Out(conversation, cue))
         return out
 

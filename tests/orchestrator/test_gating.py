@@ -162,3 +162,26 @@ def test_a_system_notice_waits_for_the_current_utterance_then_is_said_once() -> 
     assert not said[0].closes_turn
     clock.advance(1)
     assert cues(gate.tick()) == []
+
+
+def test_quiet_conversations_are_forgotten_busy_ones_kept() -> None:
+    gate, clock = setup()
+    gate.config.forget_s = 100
+    for conversation in ("done", "running"):
+        gate.user_turn(conversation, "q", tasks=[f"{conversation}-t"], kind="ack")
+        gate.utterance_started(conversation, f"{conversation}-ack", "ack")
+        gate.utterance_finished(conversation, f"{conversation}-ack")
+    gate.task_event("done", event(clock, "done-t", "result", "found"))
+    clock.advance(1)
+    [result] = cues(gate.tick())
+    assert result.turn == ""  # (no turn id was given) and its task's turn is let go
+    gate.utterance_started("done", "done-result", "result")
+    gate.utterance_finished("done", "done-result")
+    clock.advance(99)
+    gate.tick()
+    assert set(gate._convs) == {"done", "running"}  # not yet past forget_s
+    clock.advance(2)
+    gate.tick()
+    # nothing going on in "done" for forget_s: forgotten; "running" has a task
+    assert set(gate._convs) == {"running"}
+    assert "done-t" not in gate._turn_of and "running-t" in gate._turn_of
