@@ -12,7 +12,6 @@ from the bus log (:mod:`orchestrator.recovery`).
 
 from __future__ import annotations
 
-import collections
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ from runtime import messages as m
 from runtime.bus import Bus
 from runtime.errors import ChorusError
 from runtime.paths import DataDir
+from runtime.recent import RecentIds
 
 from . import recovery
 from .budget import Section, fit
@@ -91,7 +91,7 @@ class Controller:
         self.idle_since: dict[str, float] = {}  # agent -> since when it holds no task
         # cues sent and not yet finished by the narrator: envelope id -> (conversation, cue)
         self.unfinished: dict[str, tuple[str, m.Cue]] = {}
-        self._turns_seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._turns_seen = RecentIds(TURNS_SEEN)
 
     async def run(self) -> None:
         served = self._adopt()
@@ -174,12 +174,7 @@ class Controller:
 
     def _first_time(self, turn: str) -> bool:
         """Whether user turn ``turn`` is new here (the log and a re-send may both bring it)."""
-        if turn in self._turns_seen:
-            return False
-        self._turns_seen[turn] = None
-        if len(self._turns_seen) > TURNS_SEEN:
-            self._turns_seen.popitem(last=False)
-        return True
+        return self._turns_seen.add(turn)
 
     async def _on_user_turn(self, envelope: m.Envelope) -> None:
         if not isinstance(envelope.body, m.UserTurn) or not self._first_time(envelope.id):

@@ -40,7 +40,6 @@ on, and writes no summaries.
 
 from __future__ import annotations
 
-import collections
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from engine.sampling import SamplingParams
 from runtime import messages as m
 from runtime.bus import Bus
 from runtime.paths import DataDir
+from runtime.recent import RecentIds
 
 from . import prompts
 from .budget import Section, fit
@@ -165,7 +165,7 @@ class Narrator:
         self._counter = EngineCounter(engine)
         self._summarizing: set[str] = set()
         self._resummarize: set[str] = set()
-        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._seen = RecentIds(SEEN_CUES)
 
     @property
     def rollout_file(self) -> Path:
@@ -188,12 +188,7 @@ class Narrator:
 
     def _first_copy(self, cue_id: str) -> bool:
         """Whether this cue is new here (the bus de-duplicates only for ``narrator``)."""
-        if cue_id in self._seen:
-            return False
-        self._seen[cue_id] = None
-        if len(self._seen) > SEEN_CUES:
-            self._seen.popitem(last=False)
-        return True
+        return self._seen.add(cue_id)
 
     async def _barge_ins(self) -> None:
         with self.bus.subscribe("user.in") as turns:

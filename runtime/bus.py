@@ -34,6 +34,7 @@ from . import messages as m
 from .errors import BusClosed, MessageRejected
 from .keys import curve_client
 from .paths import Endpoints
+from .recent import RecentIds
 
 log = structlog.get_logger("bus")
 
@@ -124,7 +125,7 @@ class Bus:
         self._pending: dict[str, _Pending] = {}
         self._rejected: collections.OrderedDict[str, _Pending] = collections.OrderedDict()
         self._wake = anyio.Event()
-        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._seen = RecentIds(SEEN_IDS)
         self._tg: TaskGroup | None = None
         self._closed = False
         self.resent = 0  # re-sends of reliable messages, for tests and stats
@@ -332,9 +333,4 @@ class Bus:
         if acl.receiver_of(envelope.topic) != self.identity:
             return True
         await self.publish(acl.ack_topic(envelope.sender), m.Ack(id=envelope.id))
-        if envelope.id in self._seen:
-            return False
-        self._seen[envelope.id] = None
-        if len(self._seen) > SEEN_IDS:
-            self._seen.popitem(last=False)
-        return True
+        return self._seen.add(envelope.id)
