@@ -21,7 +21,6 @@ from .layout import HOUR_S
 
 MINUTES = HOUR_S // 60
 INDEX_VERSION = 1
-_CHUNK = 1 << 20
 
 
 class HourIndex(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,21 +43,14 @@ def iter_line_spans(f: BinaryIO, size: int) -> Iterator[tuple[int, bytes]]:
     """``(offset, line)`` for every complete line in the first ``size`` bytes of ``f``."""
     f.seek(0)
     offset = 0
-    carry = b""
-    left = size
-    while left > 0:
-        block = f.read(min(_CHUNK, left))
-        if not block:
-            break
-        left -= len(block)
-        data = carry + block
-        cut = data.rfind(b"\n") + 1
-        carry = data[cut:]
-        pos = 0
-        for line in data[:cut].split(b"\n")[:-1]:
-            yield offset + pos, line
-            pos += len(line) + 1
-        offset += cut
+    # line by line through the file's small buffer, not in large blocks: a pass over an
+    # hour file then leaves the process no larger than it found it
+    while offset < size:
+        line = f.readline(size - offset)
+        if not line.endswith(b"\n"):  # a torn tail, or the end of the first ``size`` bytes
+            return
+        yield offset, line[:-1]
+        offset += len(line)
 
 
 def build_index(path: Path, hour: float) -> HourIndex:
