@@ -7,8 +7,9 @@ disk are corrupted. Target (issue 9): no user turn lost, no task left ``running`
 
 Starts ``python -m runtime launch`` (broker, engine with the default model, controller,
 narrator, coder, search, rag) in a temp data dir and the HTTP gateway as its own
-``python -m runtime serve`` process, which this script restarts when it dies, as a
-service manager would. Four drivers talk to it the whole time: small talk through the
+``python -m runtime serve`` process (``benchmarks/_system.py``, shared with the load
+harness), which this script health-checks and restarts when it dies, as a service
+manager would. Four drivers talk to it the whole time: small talk through the
 embedding API (``runtime.connect`` + ``Connection.chat``), questions that need the
 agents (search, coder, rag) through the same API, a conversation through the gateway
 (``POST /v1/chat``), and a probe that says "hi" again and again. Then, one at a time:
@@ -23,7 +24,8 @@ agents (search, coder, rag) through the same API, a conversation through the gat
   torn line appended) and of the task graph (``tasks.graph.json`` cut mid-JSON).
 
 Each fault records ``detect_s`` (the first sign the system noticed: a ``sys.*`` event or
-a ``Fault`` on the bus, a ``NOTICED`` event in a process log, or the gateway's exit),
+a ``Fault`` on the bus, a ``NOTICED`` event in a process log, the gateway's exit, or
+its ``/healthz`` failing the service manager's health check every 2 s),
 ``recover_s`` (until a turn sent after the fault is answered), and the turns the fault
 touched (the first fault injected while a turn was open, else the fault whose window it
 was sent in): ``answered`` (a real answer), ``playbook`` (closed with an explicit
@@ -39,9 +41,6 @@ import json
 import os
 import resource
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +54,7 @@ import httpx2 as httpx
 import psutil
 
 from benchmarks._common import save_plot, write_json
+from benchmarks._system import System
 from runtime import messages as m
 from runtime.embed import Connection, connect
 from runtime.gateway.feeds import read_sse
@@ -88,6 +88,8 @@ TURN_DEADLINE_S = 180.0  # a turn with neither an answer nor an error by then is
 RECOVER_MAX_S = 120.0  # the schedule moves on after this long even when not recovered
 IN_FLIGHT_WAIT_S = 30.0  # a kill waits at most this long for work in flight to hit
 GATEWAY_RESTART_S = 1.0  # the service manager's restart delay (systemd's RestartSec)
+HEALTH_EVERY_S = 2.0  # the service manager's health check of the gateway: this often
+HEALTH_TIMEOUT_S = 2.0  # and a /healthz slower than this fails it
 SMALL_TALK = ["hello!", "thanks!", "how are you?", "good morning!"]
 WORK = [
     "Where is the assert statement documented?",
@@ -96,14 +98,6 @@ WORK = [
     "Where is the with statement documented?",
 ]
 GATEWAY_TALK = ["hi there", "Where is the pass statement documented?"]
-# what launch's children run (`python -m …`), to find each one's pid
-ARGV = {
-    "broker": ["runtime", "broker"],
-    "engine": ["engine", "serve"],
-    "controller": ["orchestrator", "controller"],
-    "narrator": ["orchestrator", "narrator"],
-    **{name: ["runtime", "agent", name] for name in WORKERS},
-}
 
 
 @dataclass
@@ -153,124 +147,11 @@ def classify(deltas: list[tuple[str, bool]], finish: str) -> tuple[Outcome, str]
     return "answered", ""
 
 
-class Instance:
-    """``runtime launch`` plus a ``runtime serve`` gateway, each its own process."""
-
-    def __init__(self, data: DataDir, env: dict[str, str]) -> None:
-        self.data = data
-        self.env = env
-        self.port = _free_port()
-        self.launch: subprocess.Popen[bytes] | None = None
-        self.gateway: subprocess.Popen[bytes] | None = None
-        self.stopping = False
-        self.signs: list[Sign] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _spawn(self, *args: str, out: str) -> subprocess.Popen[bytes]:
-        self.data.process_logs.mkdir(parents=True, exist_ok=True)
-        with (self.data.process_logs / out).open("ab") as f:
-            return subprocess.Popen(
-                [sys.executable, "-m", "runtime", *args, "--data-dir", str(self.data.root)],
-                stdin=subprocess.DEVNULL,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,
-            )
-
-    async def start(self) -> None:
-        self.launch = self._spawn("launch", "--log-json", out="harness-launch.out")
-        out = self.data.process_logs / "harness-launch.out"
-        with anyio.fail_after(300):
-            while b"Chorus is up" not in out.read_bytes():
-                if self.launch.poll() is not None:
-                    raise RuntimeError(f"launch exited: {out.read_text()[-2000:]}")
-                await anyio.sleep(0.2)
-        await self._start_gateway()
-
-    async def _start_gateway(self) -> None:
-        self.gateway = self._spawn(
-            "serve", "--log-json", "--port", str(self.port), out="harness-gateway.out"
-        )
-        async with httpx.AsyncClient(timeout=2) as client:
-            with anyio.fail_after(60):
-                while True:
-                    try:
-                        if (await client.get(f"{self.url}/healthz")).status_code == 200:
-                            return
-                    except httpx.TransportError:
-                        pass
-                    await anyio.sleep(0.2)
-
-    async def keep_gateway(self) -> None:
-        """The service manager's part: restart the gateway when it dies."""
-        while not self.stopping:
-            await anyio.sleep(0.1)
-            if self.gateway is not None and self.gateway.poll() is not None:
-                self.signs.append(Sign(time.monotonic(), "service manager: gateway exited"))
-                await anyio.sleep(GATEWAY_RESTART_S)
-                await self._start_gateway()
-
-    def token(self) -> str:
-        return (self.data.keys / "gateway.token").read_text().strip()
-
-    def pid_of(self, process: str) -> int | None:
-        if process == "gateway":
-            gw = self.gateway
-            return gw.pid if gw is not None and gw.poll() is None else None
-        assert self.launch is not None
-        for child in psutil.Process(self.launch.pid).children():
-            try:
-                argv = child.cmdline()
-                if child.status() == psutil.STATUS_ZOMBIE:
-                    continue
-            except psutil.NoSuchProcess:
-                continue
-            if argv[2 : 2 + len(ARGV[process])] == ARGV[process]:
-                return int(child.pid)
-        return None
-
-    def chorus_processes(self) -> list[psutil.Process]:
-        """launch, the gateway and every process below them."""
-        roots = [p for p in (self.launch, self.gateway) if p is not None and p.poll() is None]
-        procs = []
-        for root in roots:
-            try:
-                top = psutil.Process(root.pid)
-                procs += [top, *top.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                continue
-        return procs
-
-    async def stop(self) -> None:
-        self.stopping = True
-        for proc in (self.gateway, self.launch):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in (self.gateway, self.launch):
-            if proc is None:
-                continue
-            with anyio.move_on_after(30):
-                await until(lambda p: p.poll() is not None, proc, every_s=0.1)
-            if proc.poll() is None:
-                proc.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class Harness:
     """Drives the conversations, injects the faults, and keeps the record."""
 
-    def __init__(self, instance: Instance, conn: Connection, *, window_s: float) -> None:
-        self.instance = instance
+    def __init__(self, system: System, conn: Connection, *, window_s: float) -> None:
+        self.system = system
         self.conn = conn
         self.window_s = window_s
         self.turns: list[Turn] = []
@@ -278,6 +159,7 @@ class Harness:
         self.busy: dict[str, float] = {}  # worker -> when its heartbeat last said busy
         self.stop_traffic = anyio.Event()
         self.started = time.monotonic()
+        self.signs: list[Sign] = []  # what the system noticed, seen from outside
 
     # -- traffic -------------------------------------------------------------------------
 
@@ -308,8 +190,8 @@ class Harness:
     async def gateway_driver(self, name: str, texts: Sequence[str], pause_s: float) -> None:
         conversation: str | None = None
         i = 0
-        headers = {"Authorization": f"Bearer {self.instance.token()}"}
-        async with httpx.AsyncClient(base_url=self.instance.url, headers=headers) as client:
+        headers = {"Authorization": f"Bearer {self.system.token}"}
+        async with httpx.AsyncClient(base_url=self.system.url, headers=headers) as client:
             while not self.stop_traffic.is_set():
                 turn = Turn("gateway", name, texts[i % len(texts)], time.monotonic())
                 i += 1
@@ -374,7 +256,33 @@ class Harness:
                 what = f"bus: {env.topic} {body.kind}: {body.message[:80]}"
             else:
                 continue
-            self.instance.signs.append(Sign(time.monotonic(), what))
+            self.signs.append(Sign(time.monotonic(), what))
+
+    async def keep_gateway(self) -> None:
+        """The service manager's part: restart the gateway when it dies."""
+        while True:
+            await anyio.sleep(0.1)
+            gateway = self.system.gateway
+            if gateway is not None and gateway.poll() is not None:
+                self.signs.append(Sign(time.monotonic(), "service manager: gateway exited"))
+                await anyio.sleep(GATEWAY_RESTART_S)
+                await self.system.start_gateway()
+
+    async def check_gateway(self) -> None:
+        """The service manager's health check (as compose.yaml's, more often): a
+        ``/healthz`` that does not answer in time is a sign, once per failing spell."""
+        failing = False
+        async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT_S) as client:
+            while True:
+                await anyio.sleep(HEALTH_EVERY_S)
+                try:
+                    ok = (await client.get(f"{self.system.url}/healthz")).status_code == 200
+                except httpx.TransportError:
+                    ok = False
+                if not ok and not failing:
+                    what = "service manager: gateway health check failed"
+                    self.signs.append(Sign(time.monotonic(), what))
+                failing = not ok
 
     # -- faults --------------------------------------------------------------------------
 
@@ -392,7 +300,7 @@ class Harness:
     async def _wait_healthy(self) -> None:
         """Every process runs and a turn sent after the last fault was answered."""
         with anyio.move_on_after(RECOVER_MAX_S):
-            await until(lambda: all(self.instance.pid_of(p) is not None for p in PROCESSES))
+            await until(lambda: all(self.system.pid_of(p) is not None for p in PROCESSES))
             since = self.faults[-1].injected if self.faults else 0.0
             await until(lambda: any(t.outcome == "answered" and t.sent > since for t in self.turns))
 
@@ -402,11 +310,11 @@ class Harness:
         fault.injected, fault.injected_wall = time.monotonic(), time.time()
         match fault.kind:
             case "kill9":
-                pid = self.instance.pid_of(fault.process)
+                pid = self.system.pid_of(fault.process)
                 if pid is not None:
                     os.kill(pid, signal.SIGKILL)
             case "sigstop":
-                pid = self.instance.pid_of(fault.process)
+                pid = self.system.pid_of(fault.process)
                 if pid is not None:
                     fault.in_flight = self._turn_open()
                     os.kill(pid, signal.SIGSTOP)
@@ -443,14 +351,14 @@ class Harness:
         return False
 
     def _limit_writes(self, limit: int) -> None:
-        for proc in self.instance.chorus_processes():
+        for proc in self.system.family():
             try:
                 proc.rlimit(psutil.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
 
     def _corrupt(self, what: str) -> str:
-        data = self.instance.data
+        data = self.system.data
         if what == "task_graph":
             path = data.root / "tasks.graph.json"
             head = path.read_bytes()[:200] if path.exists() else b"{"
@@ -476,7 +384,7 @@ class Harness:
     # -- the record ----------------------------------------------------------------------
 
     def record(self) -> list[dict[str, Any]]:
-        signs = self.instance.signs + _log_signs(self.instance.data)
+        signs = self.signs + _log_signs(self.system.data)
         bounds = [f.injected for f in self.faults[1:]] + [float("inf")]
         per_fault: dict[int, list[Turn]] = {i: [] for i in range(len(self.faults))}
         for turn in self.turns:
@@ -588,16 +496,16 @@ async def run(
     return the record (see the module's docstring)."""
     data = DataDir(data_dir)
     # BM25 only: building the dense index of the corpus takes minutes on 2 cores
-    env = {**os.environ, "CHORUS_RAG_METHOD": "bm25"}
-    instance = Instance(data, env)
+    system = System(data, env={"CHORUS_RAG_METHOD": "bm25"})
     started = time.monotonic()
-    await instance.start()
-    print(f"up in {time.monotonic() - started:.1f} s; gateway on {instance.url}", flush=True)
+    await system.start()
+    print(f"up in {time.monotonic() - started:.1f} s; gateway on {system.url}", flush=True)
     try:
         async with connect(data.root) as conn, anyio.create_task_group() as tg:
-            harness = Harness(instance, conn, window_s=window_s)
+            harness = Harness(system, conn, window_s=window_s)
             tg.start_soon(harness.watch_bus)
-            tg.start_soon(instance.keep_gateway)
+            tg.start_soon(harness.keep_gateway)
+            tg.start_soon(harness.check_gateway)
             async with anyio.create_task_group() as traffic:
                 traffic.start_soon(harness.bus_driver, "probe", ["hi"], 1.0)
                 traffic.start_soon(harness.bus_driver, "talk", SMALL_TALK, 2.0)
@@ -611,7 +519,7 @@ async def run(
                 await until(lambda: not stuck_tasks(data), every_s=1.0)
             tg.cancel_scope.cancel()
     finally:
-        await instance.stop()
+        await system.stop()
     faults = harness.record()
     turns = harness.turns
     return {

@@ -8,7 +8,8 @@ soak mode that watches memory and file descriptors for growth.
 Starts the whole system as an operator would, in a temporary data directory:
 ``python -m runtime launch`` (broker and its log writer, engine with the default model,
 controller, narrator, coder, search, rag) and ``python -m runtime serve`` (the gateway,
-chat rate limit off) as child processes. RAG uses BM25 so no vector index is built.
+chat rate limit off) as child processes (``benchmarks/_system.py``, shared with the
+fault harness). RAG uses BM25 so no vector index is built.
 
 For each N, N conversations run at once, closed loop (each sends its next turn when the
 last one closed), first all through the gateway (``POST /v1/chat``, Server-Sent Events),
@@ -46,17 +47,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import anyio
 import httpx2 as httpx
@@ -64,13 +61,13 @@ import numpy as np
 import psutil
 
 from benchmarks._common import percentile, save_plot, write_json
+from benchmarks._system import System
 from runtime import messages as m
 from runtime.embed import Connection, connect
 from runtime.gateway.feeds import read_sse
 from runtime.paths import DataDir
 
 TURN_TIMEOUT_S = 300.0  # the gateway's own answer timeout; a turn past it is an error
-START_TIMEOUT_S = 600.0
 KNEE_FACTOR = 2.0
 SOAK_CONVERSATIONS = 4
 SOAK_ROTATE = 10
@@ -82,134 +79,6 @@ LONG = [
     "Where is the yield expression documented?",
     "Which section documents the global statement?",
 ]
-
-
-# -- the system under test ------------------------------------------------------------------
-
-
-class _Lines:
-    """A child's stdout, line by line, read by a thread (a pipe read with a timeout)."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self._lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-
-    def wait_for(self, prefix: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    what = " ".join(map(str, self.proc.args))  # type: ignore[arg-type]
-                    raise RuntimeError(f"{what} exited with {self.proc.returncode}") from None
-                continue
-            if line.startswith(prefix):
-                return line
-        raise TimeoutError(f"no line starting {prefix!r} in {timeout:g} s")
-
-
-class System:
-    """``runtime launch`` and ``runtime serve`` in child processes, on one data directory."""
-
-    def __init__(self, data: DataDir) -> None:
-        self.data = data
-        self.launch: subprocess.Popen[str] | None = None
-        self.gateway: subprocess.Popen[str] | None = None
-        self.url = ""
-        self.token = ""
-        self._stderr: IO[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "CHORUS_RAG_METHOD": "bm25"}  # no MiniLM index to build
-        self.data.root.parent.mkdir(parents=True, exist_ok=True)
-        self._stderr = err = (self.data.root.parent / "system.stderr").open("ab")
-        self.launch = subprocess.Popen(
-            [sys.executable, "-m", "runtime", "launch", "--data-dir", str(self.data.root)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            env=env,
-        )
-        _Lines(self.launch).wait_for("Chorus is up", START_TIMEOUT_S)
-        self.gateway = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "runtime", "serve", "--data-dir", str(self.data.root)),
-                *("--port", "0", "--rate-limit", "0"),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            env=env,
-        )
-        self.url = _Lines(self.gateway).wait_for("Gateway on http://", 60).split()[2]
-        self.token = (self.data.keys / "gateway.token").read_text().strip()
-
-    def stop(self) -> None:
-        for proc in (self.gateway, self.launch):
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._stderr is not None:
-            self._stderr.close()
-
-    def processes(self) -> dict[str, psutil.Process]:
-        """Every process of the instance by role, and this one as ``load-client``."""
-        found = {"load-client": psutil.Process()}
-        roots = [p for p in (self.launch, self.gateway) if p is not None and p.poll() is None]
-        for root in roots:
-            try:
-                proc = psutil.Process(root.pid)
-                family = [proc, *proc.children(recursive=True)]
-            except psutil.Error:
-                continue
-            for p in family:
-                try:
-                    role = role_of(p.cmdline())
-                except psutil.Error:
-                    continue
-                if role is not None:
-                    found[role] = p
-        return found
-
-
-def role_of(cmdline: Sequence[str]) -> str | None:
-    """``broker``, ``engine``, ``controller``, an agent's name, ``supervisor`` (launch),
-    ``gateway`` (serve), ``log-writer``; None for anything else (a sandboxed program)."""
-    args = list(cmdline[1:])
-    if "-m" not in args:
-        return None
-    module, rest = args[args.index("-m") + 1], args[args.index("-m") + 2 :]
-    command = rest[0] if rest else ""
-    match module, command:
-        case "runtime", "launch":
-            return "supervisor"
-        case "runtime", "serve":
-            return "gateway"
-        case "runtime", "broker":
-            return "broker"
-        case "runtime", "agent":
-            return rest[1] if len(rest) > 1 else "agent"
-        case "engine", "serve":
-            return "engine"
-        case "orchestrator", ("controller" | "narrator"):
-            return command
-        case "orchestrator.log.process", _:
-            return "log-writer"
-    return None
 
 
 class Sampler:
@@ -235,7 +104,7 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             now = time.monotonic() - self.t0
-            for role, proc in self.system.processes().items():
+            for role, proc in {"load-client": psutil.Process(), **self.system.processes()}.items():
                 try:
                     rss = proc.memory_info().rss / 2**20
                     fds = proc.num_fds()
@@ -713,6 +582,31 @@ def plot_soak(result: dict[str, Any], quick: bool) -> None:
 # -- main -----------------------------------------------------------------------------------
 
 
+async def run(args: argparse.Namespace, data: DataDir) -> dict[str, Any]:
+    """Start the system in ``data``, run the levels or the soak, stop it."""
+    started = time.perf_counter()
+    # BM25 only: building the dense index of the corpus takes minutes on 2 cores; no
+    # rate limit: the load is the point
+    system = System(data, env={"CHORUS_RAG_METHOD": "bm25"}, gateway_args=("--rate-limit", "0"))
+    try:
+        await system.start()
+        print(f"system up in {time.perf_counter() - started:.0f} s", flush=True)
+        if args.soak:
+            interval = 5.0 if args.soak >= 600 else 2.0
+            return await run_soak(system, args.soak, interval)
+        levels = args.levels or ([1, 4, 16] if args.quick else [1, 4, 16, 64])
+        # at least this many turns per path at every N: N = 1 and 4 run several rounds,
+        # larger N one turn per conversation
+        turns = 4 if args.quick else 16
+
+        def turns_at(n: int) -> int:
+            return max(1, -(-turns // n))
+
+        return await run_levels(system, levels, turns_at)
+    finally:
+        await system.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -727,25 +621,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="chorus-load-") as tmp:
-        system = System(DataDir(Path(tmp) / "data"))
-        try:
-            system.start()
-            print(f"system up in {time.perf_counter() - started:.0f} s", flush=True)
-            if args.soak:
-                interval = 5.0 if args.soak >= 600 else 2.0
-                result = anyio.run(run_soak, system, args.soak, interval)
-            else:
-                levels = args.levels or ([1, 4, 16] if args.quick else [1, 4, 16, 64])
-                # at least this many turns per path at every N: N = 1 and 4 run several
-                # rounds, larger N one turn per conversation
-                turns = 4 if args.quick else 16
-
-                def turns_at(n: int) -> int:
-                    return max(1, -(-turns // n))
-
-                result = anyio.run(run_levels, system, levels, turns_at)
-        finally:
-            system.stop()
+        result = anyio.run(run, args, DataDir(Path(tmp) / "data"))
     result = {"quick": args.quick, "wall_s": round(time.perf_counter() - started, 1)} | result
     result["load_average"] = [round(x, 2) for x in os.getloadavg()]
     if args.soak:
