@@ -80,6 +80,13 @@ def _load(d: Figures) -> str:
     return text
 
 
+def _make_bench(d: Figures) -> str:
+    slowest = sorted(d["seconds"].items(), key=lambda kv: -kv[1])[:3]
+    parts = ", ".join(f"{name} {s / 60:.1f}" for name, s in slowest)
+    failed = f"; failed: {', '.join(d['failed'])}" if d["failed"] else ""
+    return f"{d['total_s'] / 60:.1f} min (slowest: {parts} min){failed}"
+
+
 def _load_met(d: Figures) -> str:
     soak_file = RESULTS / "soak.json"
     if not soak_file.exists():
@@ -200,6 +207,13 @@ CLAIMS = [
         "knee written down; soak: no RSS / fd growth after warm-up",
         _load,
         _load_met,
+    ),
+    Claim(
+        "make_bench",
+        "`make bench`: every benchmark at `--quick` sizes",
+        "≤ 30 min in all",
+        _make_bench,
+        lambda d: yes(d["total_s"] <= d["target_total_s"] and not d["failed"]),
     ),
 ]
 
