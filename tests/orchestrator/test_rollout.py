@@ -422,7 +422,7 @@ def test_a_candidate_model_gets_the_engine_flags_and_conflicts_are_named(tmp_pat
 
 
 @pytest.mark.slow
-def test_launch_serves_a_candidate_model_from_a_second_engine_that_the_canary_speaks_through(
+async def test_launch_serves_a_candidate_model_from_a_second_engine_that_the_canary_speaks_through(
     tmp_path: Path,
 ) -> None:
     """The real default model as the candidate's too: launch starts ``engine-candidate``,
@@ -430,21 +430,43 @@ def test_launch_serves_a_candidate_model_from_a_second_engine_that_the_canary_sp
     import subprocess
     import sys
 
+    from engine.client import Client
     from engine.weights import default_model_path
+    from runtime.embed import connect
 
     data = DataDir(tmp_path / "data")
     argv = [sys.executable, "-m", "runtime", "launch", "--data-dir", str(data.root)]
     argv += ["--candidate-model", str(default_model_path()), "--canary-percent", "100"]
     env = {**os.environ, "CHORUS_RAG_METHOD": "bm25"}  # no MiniLM index to build
-    done = subprocess.run(
-        [*argv, "--ask", "hello!"], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip()
-    logged = list(query_envelopes(data.logs, LogQuery(topics=("engine.stats", "event.narrator"))))
-    stats = [e.body for e in logged if isinstance(e.body, m.EngineStats)]
-    assert any(s.name == "engine-candidate" and s.sessions >= 1 for s in stats), stats
-    assert all(s.sessions == 0 for s in stats if s.name == "engine"), stats
-    rollouts = [e.body for e in logged if isinstance(e.body, m.Rollout)]
-    assert any(r.action == "start" and r.percent == 100 for r in rollouts), rollouts
-    assert (data.process_logs / "engine-candidate.log").exists()
+    out = tmp_path / "launch.out"
+    with out.open("wb") as sink:
+        launch = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        with anyio.fail_after(300):
+            while b"Chorus is up" not in out.read_bytes():
+                assert launch.poll() is None, out.read_text()[-3000:]
+                await anyio.sleep(0.2)
+        assert b"engine-candidate" in out.read_bytes()  # its ready line
+        async with connect(data.root) as conn:
+            with anyio.fail_after(120):
+                said = [c async for c in conn.chat("hello!", conversation="c1")]
+        assert said[-1].finish == "done" and "".join(c.delta for c in said).strip()
+        generated = {}
+        for name in ("engine", "engine-candidate"):
+            async with Client("operator", data.ipc(name), data.keys, timeout=30) as llm:
+                generated[name] = (await llm.stats()).tokens_generated
+        # the answer was made by the candidate's engine; the first one made nothing
+        assert generated["engine-candidate"] > 0 and generated["engine"] == 0, generated
+        logged = list(query_envelopes(data.logs, LogQuery(topics=("event.narrator",))))
+        rollouts = [e.body for e in logged if isinstance(e.body, m.Rollout)]
+        assert any(r.action == "start" and r.percent == 100 for r in rollouts), rollouts
+        assert (data.process_logs / "engine-candidate.log").exists()
+    finally:
+        launch.send_signal(signal.SIGINT)
+        try:
+            launch.wait(30)
+        except subprocess.TimeoutExpired:
+            launch.kill()
+            launch.wait()
