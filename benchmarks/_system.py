@@ -159,8 +159,8 @@ def role_of(cmdline: Sequence[str]) -> str | None:
             return "broker"
         case "runtime", "agent":
             return rest[1] if len(rest) > 1 else "agent"
-        case "engine", "serve":
-            return "engine"
+        case "engine", "serve":  # a canary's second engine names itself
+            return "engine-candidate" if "engine-candidate" in rest else "engine"
         case "orchestrator", ("controller" | "narrator"):
             return command
         case "orchestrator.log.process", _:

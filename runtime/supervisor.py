@@ -109,17 +109,12 @@ def default_specs(
     broker = python_argv("-m", "runtime", "broker", *common, *broker_args)
     specs = [ChildSpec("broker", broker, "endpoints")]
     if with_engine:
-        specs.append(
-            ChildSpec(
-                "engine", python_argv("-m", "engine", "serve", *common, *engine_args), "engine"
-            )
-        )
+        engines = [("engine", engine_args)]
         if candidate_engine_args is not None:
-            argv = python_argv(
-                "-m", "engine", "serve", "--name", "engine-candidate", *common,
-                *candidate_engine_args,
-            )  # fmt: skip
-            specs.append(ChildSpec("engine-candidate", argv, "engine"))
+            engines.append(("engine-candidate", candidate_engine_args))
+        for name, args in engines:
+            argv = python_argv("-m", "engine", "serve", "--name", name, *common, *args)
+            specs.append(ChildSpec(name, argv, "engine"))
     elif engine:
         log.info("engine_skipped", reason="the engine server is not in this build")
     if orchestration:
