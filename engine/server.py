@@ -63,6 +63,10 @@ BACKGROUND_PREFILL_CHUNK = 32  # tokens per step of a background prompt (tens of
 # of a conversation the other processes (controller, narrator, broker) need the CPU the
 # engine would take, and the next request is usually only a moment away.
 BACKGROUND_AFTER_IDLE_S = 0.5
+# A generation still waiting for its turn (queued behind other prefills, or a background
+# job held back by foreground work) gets an empty chunk this often, so its caller tells a
+# busy engine from a dead one (the client gives up after 30 s without a chunk).
+KEEPALIVE_S = 10.0
 
 
 class RequestError(Exception):
@@ -108,6 +112,7 @@ class Job:
     sampler: Sampler | None = None  # set for Generate/Complete
     generated: int = 0
     background: bool = False  # advances only while no foreground job has work
+    told_at: float = field(default_factory=time.monotonic)  # its last chunk, while waiting
 
 
 class Templates:
@@ -192,6 +197,7 @@ class EngineServer:
         self.snapshot = self.stats()  # refreshed by the loop for the stats thread to read
         self._snapshot_at = 0.0
         self._foreground_at = 0.0  # when a foreground job last had work
+        self._kept_alive_at = 0.0
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -218,6 +224,7 @@ class EngineServer:
                     self._receive_all(sock)
                 self._step(sock)
                 self._evict_idle()
+                self._keep_alive(sock)
                 if time.monotonic() - self._snapshot_at > 1.0:
                     self.snapshot, self._snapshot_at = self.stats(), time.monotonic()
         finally:
@@ -472,6 +479,20 @@ class EngineServer:
             self._prefill_one(sock, background=background)
         if self.streams:
             self._decode_all(sock, background=background)
+
+    def _keep_alive(self, sock: zmq.Socket[Any]) -> None:
+        """An empty chunk to every generation that has waited ``KEEPALIVE_S`` for a token."""
+        now = time.monotonic()
+        if now - self._kept_alive_at < KEEPALIVE_S / 4:
+            return
+        self._kept_alive_at = now
+        running = now - self._foreground_at >= BACKGROUND_AFTER_IDLE_S
+        waiting = [j for j in self.prefills if j.sampler is not None]
+        waiting += [j for j in self.streams if j.background and not running]
+        for job in waiting:
+            if now - job.told_at >= KEEPALIVE_S:
+                self._send(sock, job.route, Chunk(id=job.request, delta="", tokens=job.generated))
+                job.told_at = now
 
     def _prefill_one(self, sock: zmq.Socket[Any], background: bool) -> None:
         job = self._next_prefill(background)

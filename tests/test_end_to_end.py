@@ -84,7 +84,9 @@ async def test_documentation_question_and_computation_reach_their_agents(tmp_pat
             if done.last_id is not None:
                 break
             await anyio.sleep(0.5)
-        assert done.method == "engine" and done.turns >= 2, done
+        narrator_log = (data.logs / "process" / "narrator.log").read_text()
+        why = [line for line in narrator_log.splitlines() if "summary_extractive" in line]
+        assert done.method == "engine" and done.turns >= 2, (done, why)
         assert (data.summaries / "doc.md").is_file()
 
 

@@ -118,6 +118,39 @@ async def test_background_work_waits_while_a_foreground_request_runs(
     assert max(batches) == 1, batches  # never decoded side by side: the summary waited
 
 
+async def test_a_generation_held_back_longer_than_the_client_timeout_is_kept_alive(
+    data: DataDir, engine: EngineServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A summary held back by foreground work for longer than the client waits for a
+    chunk is not given up on: the engine sends empty chunks while it waits."""
+    monkeypatch.setattr("engine.server.KEEPALIVE_S", 0.2)
+    params = SamplingParams(temperature=0, max_tokens=50)
+    async with client(data, timeout=1.0) as llm:
+        await llm.open("chat")
+        await llm.append("chat", text="The quick brown fox")
+        chunks = []
+
+        async def summary() -> None:
+            short = SamplingParams(temperature=0, max_tokens=5)
+            async for chunk in llm.complete("summarise " * 10, short, background=True):
+                chunks.append(chunk)
+
+        async def answers() -> None:  # foreground work, back to back, for 3 s
+            with anyio.move_on_after(3):
+                while True:
+                    async for _ in llm.generate("chat", params):
+                        pass
+                    await llm.append("chat", text=" and")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answers)
+            await anyio.sleep(0.1)  # the answers are under way
+            tg.start_soon(summary)
+    assert chunks[-1].finish, chunks
+    waits = [c for c in chunks if not c.delta and not c.finish and c.tokens == 0]
+    assert len(waits) >= 3, chunks  # ~3 s held back, an empty chunk every 0.2 s
+
+
 async def queued_at_least(engine: EngineServer, jobs: int) -> None:
     with anyio.fail_after(10):
         for _ in iter(int, 1):  # until the engine holds that many prompts
