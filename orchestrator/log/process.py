@@ -87,8 +87,7 @@ def serve(sock: zmq.Socket[Any], writer: LogWriter) -> None:
                         batch = _batch.decode(frame)
                     except (msgspec.DecodeError, msgspec.ValidationError):
                         continue  # the broker decoded each before forwarding; never happens
-                    for envelope in batch:
-                        writer.append(envelope)
+                    writer.append(*batch)
                 time.sleep(DRAIN_S)
             while not faults.empty():
                 sock.send(FAULT + faults.get().encode())

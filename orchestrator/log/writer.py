@@ -245,10 +245,11 @@ class LogWriter:
         """The storage error that the last write met, while writes keep failing."""
         return self.last_error if self._failing else None
 
-    def append(self, envelope: Envelope) -> None:
-        """Queue one envelope; never blocks and never raises."""
-        self._appended += 1
-        self._queue.put(envelope)
+    def append(self, *envelopes: Envelope) -> None:
+        """Queue envelopes (a batch is one hand-over to the writer thread); never blocks
+        and never raises."""
+        self._appended += len(envelopes)
+        self._queue.put(envelopes)
 
     def settle(self, timeout: float = 30) -> bool:
         """Wait until every envelope appended so far is written (or counted as failed) and
@@ -327,8 +328,10 @@ class LogWriter:
                     break
                 if item is _STOP:
                     stopping = True
-                elif isinstance(item, Envelope):
-                    self._buffer_line(item)
+                    continue
+                assert isinstance(item, tuple)
+                for envelope in item:
+                    self._buffer_line(envelope)
                     if len(self._buffer) >= self.max_buffer_bytes:
                         self._write_buffer()
             if stopping:
