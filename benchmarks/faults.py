@@ -452,6 +452,8 @@ NOTICED = {
     "log_lines_skipped",
     "log_seed_skipped_lines",
     "log_torn_tail_repaired",
+    "log_foreign_write",  # the bus log's writer: its file changed under it
+    "log_lines_unreadable",  # the writer's index pass: lines damaged on disk
     "gateway_connection_failed",
 }
 

@@ -6,7 +6,9 @@ where the first line at or after that minute starts and where the last line befo
 end of that minute ends. Lines are in arrival order, not strictly by ``ts``; both arrays
 are built over every line (a running minimum from the end, a running maximum from the
 start), so a late line never falls outside its range. An index whose size differs from
-the file's (a late line was appended after indexing) is ignored until rebuilt.
+the file's (a late line was appended after indexing) is ignored until rebuilt. Building
+it reads every line, so it is also where lines damaged on disk are first counted
+(``unreadable``; the writer's maintenance logs ``log_lines_unreadable``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class HourIndex(msgspec.Struct, frozen=True, kw_only=True):
     size: int  # the file size this index describes
     starts: list[int]  # starts[m]: no line with ts >= hour + 60*m starts before this
     ends: list[int]  # ends[m]: no line with ts < hour + 60*(m+1) ends after this
+    unreadable: int = 0  # whole lines that did not decode (bytes damaged on disk)
 
 
 class _Ts(msgspec.Struct):
@@ -57,12 +60,14 @@ def build_index(path: Path, hour: float) -> HourIndex:
     """Scan one plain hour file and index it (lines that do not decode are left out)."""
     first = [-1] * MINUTES
     last = [0] * MINUTES
+    unreadable = 0
     with path.open("rb") as f:
         size = f.seek(0, 2)
         for offset, line in iter_line_spans(f, size):
             try:
                 ts = _ts_decoder.decode(line).ts
             except (msgspec.DecodeError, msgspec.ValidationError):
+                unreadable += 1
                 continue
             minute = min(MINUTES - 1, max(0, int((ts - hour) // 60)))
             if first[minute] < 0 or offset < first[minute]:
@@ -81,7 +86,7 @@ def build_index(path: Path, hour: float) -> HourIndex:
     for minute in range(MINUTES):
         high = max(high, last[minute])
         ends[minute] = high
-    return HourIndex(size=size, starts=starts, ends=ends)
+    return HourIndex(size=size, starts=starts, ends=ends, unreadable=unreadable)
 
 
 def read_index(path: Path, size: int) -> HourIndex | None:

@@ -196,6 +196,13 @@ def index_closed(
             continue
         write_atomic(f.index_path, msgspec.json.encode(index))
         report.indexed.append(f.path.name)
+        if index.unreadable:
+            log.warning(
+                "log_lines_unreadable",
+                file=f.path.name,
+                lines=index.unreadable,
+                why="lines of the bus log no longer decode; readers skip them",
+            )
     return report
 
 

@@ -207,6 +207,7 @@ class LogWriter:
         self._buffer_name = ""  # the hour file the buffer belongs to
         self._fd: int | None = None
         self._fd_name = ""
+        self._fd_size = 0  # how long the open file is after our own writes
         self._dirty = False  # written since the last fdatasync
         self._failing = False
         # the writer opens files under this lock; maintenance checks `_keep` under it
@@ -370,7 +371,8 @@ class LogWriter:
             existed = path.exists()
             if existed:
                 repair_torn_tail(path)  # a write that failed part-way left half a line
-            fd = _os_open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = _os_open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd_size = os.fstat(fd).st_size
             if not existed:
                 _sync_dir(self.log_dir)  # so a power cut cannot lose the new file's name
             newer = name > self._fd_name
@@ -400,8 +402,10 @@ class LogWriter:
         done = 0
         try:
             fd = self._open(self._buffer_name)
+            self._guard_foreign_bytes(fd)
             while done < len(data):
                 done += _os_write(fd, data[done:])
+            self._fd_size += done
         except OSError as exc:
             kept = data[:done].tobytes().count(b"\n")
             self.written += kept
@@ -419,6 +423,25 @@ class LogWriter:
             data.release()
             self._buffer.clear()
             self._buffered = 0
+
+    def _guard_foreign_bytes(self, fd: int) -> None:
+        """Someone else changed the file we append to (a line appended by hand, a second
+        writer, a cut): say so, and if it now ends mid-line start ours on a new line, so
+        that none of ours is glued to theirs and made unreadable."""
+        size = os.fstat(fd).st_size
+        if size == self._fd_size:
+            return
+        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+        if torn:
+            _os_write(fd, b"\n")
+        log.warning(
+            "log_foreign_write",
+            file=self._fd_name,
+            bytes=size - self._fd_size,
+            torn=torn,
+            why="the bus log file changed under its writer; its own lines are kept whole",
+        )
+        self._fd_size = size + torn
 
     def _check_size(self) -> None:
         """Ask for a pass now if what was written since the last one takes the log over

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import msgspec
+from structlog.testing import capture_logs
 
 from orchestrator.log.index import build_index, byte_range, read_index
 from orchestrator.log.layout import HOUR_S, hour_file_name, list_log_files
@@ -167,3 +168,27 @@ def test_a_stale_index_is_ignored(
     got = list(query_lines(tmp_path, LogQuery(since=since, until=until)))
     assert [msgspec.json.decode(x, type=m.Envelope) for x in got] == [envs[1], late]
     assert index_closed(tmp_path, now=base_ts + 2 * HOUR_S).indexed == [hour_file_name(base_ts)]
+
+
+def test_the_index_pass_counts_and_reports_lines_damaged_on_disk(
+    tmp_path: Path, base_ts: float, make_envelope: MakeEnvelope, write_log: WriteLog
+) -> None:
+    envs = [
+        make_envelope("heartbeat.coder", m.Heartbeat(state="idle"), ts=base_ts + 60 * i)
+        for i in range(60)
+    ]
+    write_log(tmp_path, envs)
+    path = tmp_path / hour_file_name(base_ts)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = b"\xff\x00{]\x01\x02\x03\x04"  # two lines' worth at most
+    path.write_bytes(bytes(data))
+    with capture_logs() as logs:
+        index_closed(tmp_path, now=base_ts + 2 * HOUR_S)
+    [event] = [e for e in logs if e["event"] == "log_lines_unreadable"]
+    assert event["file"] == path.name and 1 <= event["lines"] <= 2
+    index = read_index(list_log_files(tmp_path)[0].index_path, len(data))
+    assert index is not None and index.unreadable == event["lines"]
+    with capture_logs() as logs:  # indexed once: said once
+        index_closed(tmp_path, now=base_ts + 2 * HOUR_S)
+    assert not [e for e in logs if e["event"] == "log_lines_unreadable"]

@@ -272,3 +272,24 @@ def test_redact_with_a_key_is_an_hmac() -> None:
     assert redact_text("hi", b"k1") != redact_text("hi", b"k2")
     assert redact_text("hi", b"k1").startswith("<redacted hmac-sha256:")
     assert redact_text("hi") == redact_text("hi")
+
+
+def test_a_line_torn_by_another_hand_is_reported_and_ours_stay_whole(
+    new_writer: Callable[..., LogWriter], make_envelope: MakeEnvelope, base_ts: float
+) -> None:
+    writer = new_writer(flush_s=0.05)
+    first = make_envelope("user.in", m.UserTurn(text="before"), ts=base_ts)
+    writer.append(first)
+    path = writer.log_dir / hour_file_name(base_ts)
+    wait_for(lambda: path.exists() and path.stat().st_size > 0)
+    with path.open("ab") as f:  # while the writer holds the file open
+        f.write(b'{"id": "torn-by-hand", "topic": "user.o')
+    after = make_envelope("user.in", m.UserTurn(text="after"), ts=base_ts + 1)
+    with capture_logs() as logs:
+        writer.append(after)
+        writer.close()
+    lines = lines_of(path)
+    assert lines[1] == b'{"id": "torn-by-hand", "topic": "user.o'  # theirs, on its own line
+    assert [decoder.decode(line) for line in (lines[0], lines[2])] == [first, after]
+    [event] = [e for e in logs if e["event"] == "log_foreign_write"]
+    assert event["torn"] is True and event["bytes"] == 39
