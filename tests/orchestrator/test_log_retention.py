@@ -153,14 +153,22 @@ def test_minute_index_gives_the_byte_range_of_a_time_range(
     ]
 
 
-def test_a_stale_index_is_ignored(
-    tmp_path: Path, base_ts: float, make_envelope: MakeEnvelope, write_log: WriteLog
-) -> None:
+def an_hour_of_heartbeats(
+    log_dir: Path, base_ts: float, make_envelope: MakeEnvelope, write_log: WriteLog
+) -> list[m.Envelope]:
+    """One heartbeat a minute for the hour from ``base_ts``, written to ``log_dir``."""
     envs = [
         make_envelope("heartbeat.coder", m.Heartbeat(state="idle"), ts=base_ts + 60 * i)
         for i in range(60)
     ]
-    write_log(tmp_path, envs)
+    write_log(log_dir, envs)
+    return envs
+
+
+def test_a_stale_index_is_ignored(
+    tmp_path: Path, base_ts: float, make_envelope: MakeEnvelope, write_log: WriteLog
+) -> None:
+    envs = an_hour_of_heartbeats(tmp_path, base_ts, make_envelope, write_log)
     index_closed(tmp_path, now=base_ts + 2 * HOUR_S)
     late = make_envelope("heartbeat.coder", m.Heartbeat(state="busy"), ts=base_ts + 90)
     write_log(tmp_path, [late])  # appended after indexing: the index no longer fits
@@ -173,11 +181,7 @@ def test_a_stale_index_is_ignored(
 def test_the_index_pass_counts_and_reports_lines_damaged_on_disk(
     tmp_path: Path, base_ts: float, make_envelope: MakeEnvelope, write_log: WriteLog
 ) -> None:
-    envs = [
-        make_envelope("heartbeat.coder", m.Heartbeat(state="idle"), ts=base_ts + 60 * i)
-        for i in range(60)
-    ]
-    write_log(tmp_path, envs)
+    an_hour_of_heartbeats(tmp_path, base_ts, make_envelope, write_log)
     path = tmp_path / hour_file_name(base_ts)
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
