@@ -65,7 +65,8 @@ BACKGROUND_PREFILL_CHUNK = 32  # tokens per step of a background prompt (tens of
 BACKGROUND_AFTER_IDLE_S = 0.5
 # A generation still waiting for its turn (queued behind other prefills, or a background
 # job held back by foreground work) gets an empty chunk this often, so its caller tells a
-# busy engine from a dead one (a client gives up after its timeout, 30 s by default, without a chunk).
+# busy engine from a dead one (a client gives up after its timeout without a chunk: 30 s
+# by default).
 KEEPALIVE_S = 10.0
 
 
