@@ -112,9 +112,9 @@ class Agent:
         """Record something on this agent's ``event.<name>`` topic."""
         await self._send(f"event.{self.name}", m.Note(name=name, data=data or {}), task)
 
-    async def fault(self, kind: str, message: str) -> None:
+    async def fault(self, kind: m.FaultKind, message: str) -> None:
         """Report a fault of this process (``Fault`` on ``event.<name>``)."""
-        await self._send(f"event.{self.name}", m.Fault(kind=kind, message=message), None)  # type: ignore[arg-type]
+        await self._send(f"event.{self.name}", m.Fault(kind=kind, message=message), None)
 
     async def _send(self, topic: str, body: m.Body, task: Task | None) -> None:
         if self._publish is None:

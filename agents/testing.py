@@ -10,7 +10,7 @@ from .base import Agent, Task, TaskFailed, TaskResult
 class EchoAgent(Agent):
     """Echoes the task text back. ``params``: ``sleep`` (seconds, in 0.1 s steps with
     progress), ``fail`` (fail with this reason), ``block`` (seconds of blocking work,
-    sent to a thread as agents must)."""
+    sent to a thread as agents must), ``fault`` (first report a ``Fault`` of this kind)."""
 
     name = "coder"
 
@@ -23,6 +23,8 @@ class EchoAgent(Agent):
             import time
 
             await anyio.to_thread.run_sync(time.sleep, float(task.params["block"]))
+        if kind := task.params.get("fault"):
+            await self.fault(kind, f"a fault of kind {kind}, as asked")  # type: ignore[arg-type]
         if "fail" in task.params:
             raise TaskFailed(task.params["fail"])
         return TaskResult(message=f"echo: {task.text}", data={"text": task.text})

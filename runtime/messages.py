@@ -194,10 +194,21 @@ class ProcessEvent(Body, frozen=True, kw_only=True):
     pid: int = 0
 
 
+FaultKind = Literal[
+    "storage_error",  # a file under data/ could not be written
+    "engine_error",
+    "internal",
+    "bad_input",
+    "timeout",
+    "config",  # a setting or a file it names is unusable (a corpus, an index)
+    "sandbox",  # the coder's sandbox cannot start or confine a program
+]
+
+
 class Fault(Body, frozen=True, kw_only=True):
     """A process reports its own fault on ``event.<name>``."""
 
-    kind: Literal["storage_error", "engine_error", "internal", "bad_input", "timeout"]
+    kind: FaultKind
     message: str
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import typing
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -168,3 +169,24 @@ async def test_sigterm_fails_held_tasks_explicitly(
                         break
         assert "stopping" in outcomes["long"] and "stopping" in outcomes["queued"]
         assert await anyio.to_thread.run_sync(echo_agent.wait, 10) == 0
+
+
+@pytest.mark.parametrize("kind", typing.get_args(m.FaultKind))
+async def test_a_fault_the_agent_reports_reaches_the_bus(
+    data: DataDir, echo_agent: subprocess.Popen[bytes], kind: str
+) -> None:
+    """Through the real broker, whose typed decoder drops what does not fit ``Fault``."""
+    async with controller(data) as (bus, updates):
+        events = bus.subscribe("event.coder")
+        await bus.publish(
+            "task.assign.coder",
+            m.TaskAssign(task="t1", kind="echo", text="x", params={"fault": kind}),
+            conversation="c1",
+        )
+        await states_of(updates, "t1", {"result", "failed"})
+        with anyio.fail_after(5):
+            env = await events.receive()
+        assert env.sender == "coder" and env.body == m.Fault(
+            kind=kind,  # type: ignore[arg-type]
+            message=f"a fault of kind {kind}, as asked",
+        )
