@@ -294,6 +294,11 @@ class Controller:
         task = self.tasks.get(body.task)
         if task is None or task.done:
             return
+        if envelope.sender != task.agent:  # the ACL lets any worker speak on task.update
+            why = f"{envelope.sender} sent an update of task {task.id}, which {task.agent} holds"
+            log.warning("task_update_not_from_holder", task=task.id, sender=envelope.sender)
+            await self.bus.publish("event.controller", m.Fault(kind="bad_input", message=why))
+            return
         self.last_seen[task.agent] = time.monotonic()
         if body.state != "accepted" and not task.running:
             # it ran, though its `accepted` was lost: the graph must pass through running
