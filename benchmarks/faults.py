@@ -251,6 +251,8 @@ class Harness:
         async for env in sub:
             body = env.body
             if isinstance(body, m.ProcessEvent):
+                if env.topic in ("sys.started", "sys.stopped"):
+                    continue  # the outcome of a restart, not a sign that a fault was noticed
                 what = f"bus: {env.topic} {body.process} ({body.reason})"
             elif isinstance(body, m.Fault):
                 what = f"bus: {env.topic} {body.kind}: {body.message[:80]}"

@@ -8,7 +8,8 @@ The engine is not killed for silence (its ``engine.stats`` come every 2 s from a
 of its own, and its sessions are costly to lose): when they stop for 5 s it is reported
 as ``sys.silent``, once per silent spell; its exit is what restarts it.
 Stopping sends SIGTERM to every child (the broker last), waits up to 10 s, then
-SIGKILLs stragglers, and removes the sockets and the pid file.
+SIGKILLs stragglers, and removes the sockets and the pid file. Each child's start (once
+ready) and stop is announced as ``sys.started`` / ``sys.stopped``.
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ class Supervisor:
                         await child.ready.wait()
                     if child.spec.name == "broker":
                         await tg.start(self._bus_loop)
+                        await self._announce("sys.started", child, "ready")  # no bus before
                     if self.on_ready is not None and child.process is not None:
                         self.on_ready(
                             child.spec.name, child.process.pid, time.monotonic() - started
@@ -193,6 +195,7 @@ class Supervisor:
             tg_ready = anyio.create_task_group()
             async with tg_ready:
                 tg_ready.start_soon(self._wait_ready, child, tg_ready.cancel_scope)
+                tg_ready.start_soon(self._announce_ready, child)
                 code = await child.process.wait()
                 tg_ready.cancel_scope.cancel()
             if self.stopping:
@@ -247,6 +250,10 @@ class Supervisor:
         if self.bus is not None:  # a restarted broker: ready once the bus round-trips again
             await self._ping()
         child.ready.set()
+
+    async def _announce_ready(self, child: Child) -> None:
+        await child.ready.wait()
+        await self._announce("sys.started", child, "ready")
 
     async def _ping(self) -> None:
         assert self.bus is not None
@@ -329,25 +336,36 @@ class Supervisor:
         body = m.ProcessEvent(
             process=child.spec.name, reason=reason, restarts=len(child.restarts), pid=pid
         )
-        await self.bus.publish(topic, body)
+        with anyio.move_on_after(1):  # a broker gone or stuck must not hold up a restart
+            await self.bus.publish(topic, body)
 
     async def _stop_children(self) -> None:
         order = [c for c in self.children.values() if c.spec.name != "broker"]
         order += [c for c in self.children.values() if c.spec.name == "broker"]
         for group in (order[:-1], order[-1:]):  # everyone else, then the broker
-            alive = [
-                c.process for c in group if c.process is not None and c.process.returncode is None
-            ]
-            for proc in alive:
-                _signal(proc, signal.SIGTERM)
+            alive = [c for c in group if c.process is not None and c.process.returncode is None]
+            for child in alive:
+                if child.spec.name == "broker":  # said while there is still a bus to say it on
+                    await self._announce("sys.stopped", child, "stopping")
+                    if self.bus is not None:
+                        # what we said went through the broker (so into its log) before it stops
+                        with anyio.move_on_after(1):
+                            await self._ping()
+                assert child.process is not None
+                _signal(child.process, signal.SIGTERM)
             with anyio.move_on_after(STOP_GRACE_S):
-                for proc in alive:
-                    await proc.wait()
-            for proc in alive:
-                if proc.returncode is None:
-                    log.warning("child_killed", pid=proc.pid, after_s=STOP_GRACE_S)
-                    _signal(proc, signal.SIGKILL)
-                    await proc.wait()
+                for child in alive:
+                    assert child.process is not None
+                    await child.process.wait()
+            for child in alive:
+                assert child.process is not None
+                if child.process.returncode is None:
+                    log.warning("child_killed", pid=child.process.pid, after_s=STOP_GRACE_S)
+                    _signal(child.process, signal.SIGKILL)
+                    await child.process.wait()
+                if child.spec.name != "broker":
+                    code = child.process.returncode
+                    await self._announce("sys.stopped", child, f"stopped (exit code {code})")
 
     def _cleanup_files(self) -> None:
         self.data.endpoints_file.unlink(missing_ok=True)

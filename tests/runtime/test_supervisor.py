@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import anyio
+import msgspec
 import psutil
 import pytest
 
 import runtime.supervisor as supervisor_module
+from orchestrator.log.query import LogQuery, query_lines
 from runtime import messages as m
 from runtime.embed import Runtime
 from runtime.errors import AlreadyRunning
@@ -61,6 +63,19 @@ async def test_runtime_starts_restarts_a_killed_child_and_stops_clean(tmp_path: 
         assert "exited" in event.body.reason
         pids.append(again.pid)
     assert_nothing_left(data, pids)
+    # the bus log has every start and stop the supervisor announced, in order
+    said = [
+        (e.topic, e.body.process, e.body.pid)
+        for line in query_lines(data.logs, LogQuery(topics=("sys.started", "sys.stopped")))
+        if isinstance((e := msgspec.json.decode(line, type=m.Envelope)).body, m.ProcessEvent)
+    ]
+    assert said == [
+        ("sys.started", "broker", pids[0]),
+        ("sys.started", "coder", first.pid),
+        ("sys.started", "coder", again.pid),
+        ("sys.stopped", "coder", again.pid),
+        ("sys.stopped", "broker", pids[0]),
+    ]
 
 
 async def test_broker_restart_mid_task_the_task_still_completes(tmp_path: Path) -> None:
