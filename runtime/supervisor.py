@@ -28,7 +28,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from . import lifeline
+from . import lifeline, logconfig
 from . import messages as m
 from .bus import Bus
 from .paths import DataDir
@@ -219,7 +219,10 @@ class Supervisor:
 
     async def _start(self, child: Child) -> None:
         self.data.process_logs.mkdir(parents=True, exist_ok=True)
-        stderr: IO[Any] = (self.data.process_logs / f"{child.spec.name}.stderr").open("ab")
+        path = self.data.process_logs / f"{child.spec.name}.stderr"
+        if path.exists() and path.stat().st_size > logconfig.MAX_BYTES:  # one generation kept
+            os.replace(path, path.with_name(f"{path.name}.1"))
+        stderr: IO[Any] = path.open("ab")
         try:
             child.process = await anyio.open_process(
                 child.spec.argv,
