@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from engine.cache import SinkCache as SinkCache
+    from engine.client import Client as Client
     from engine.errors import ModelLoadError as ModelLoadError
     from engine.model import Model as Model
     from engine.model import ModelArgs as ModelArgs
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from engine.weights import load_model as load_model
 
 _HOMES = {  # public name -> module that defines it
+    "Client": "engine.client",
     "Model": "engine.model",
     "ModelArgs": "engine.model",
     "ModelLoadError": "engine.errors",
