@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from runtime import messages as m
+from runtime.paths import DataDir
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,23 @@ class Agent:
     def __init__(self) -> None:
         self._publish: Publish | None = None
         self.settings: dict[str, str] = {}
+        self.engine_endpoint: str | None = None  # the engine its instance names, if any
+        self.key_dir: Path | None = None  # the keys it connected to the bus with
 
-    def attach(self, publish: Publish) -> None:
-        """Called by the host before ``on_start``; gives the agent its two outlets."""
+    def attach(
+        self, publish: Publish, *, engine_endpoint: str | None = None, key_dir: Path | None = None
+    ) -> None:
+        """Called by the host before ``on_start``; gives the agent its outlets and where
+        its instance's engine serves (``endpoints.json``), so a worker on another host
+        reaches the same engine."""
         self._publish = publish
+        self.engine_endpoint, self.key_dir = engine_endpoint, key_dir
+
+    def engine_address(self, data_dir: str | Path) -> tuple[str, Path]:
+        """Where this agent reaches the engine, and with which keys: what its instance
+        names, else the engine socket and keys of ``data_dir``."""
+        data = DataDir.at(data_dir)
+        return self.engine_endpoint or data.ipc("engine"), self.key_dir or data.keys
 
     # -- hooks -------------------------------------------------------------------------
 

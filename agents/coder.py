@@ -178,7 +178,8 @@ class CoderAgent(Agent):
                 "can be written; a task with a `code` param still runs"
             )
         try:
-            async with Client.connect(self.name, self.data_dir, timeout=60) as llm:
+            endpoint, keys = self.engine_address(self.data_dir)
+            async with Client(self.name, endpoint, keys, timeout=60) as llm:
                 previous: str | None = None
                 error = ""
                 for attempt in (1, 2):
@@ -211,6 +212,8 @@ class CoderAgent(Agent):
     def _has_engine(self) -> bool:
         """False only when the running instance names no engine and no engine socket
         exists either (an engine may run beside a broker that does not name it)."""
+        if self.engine_endpoint is not None:  # the instance names one (endpoints.json)
+            return True
         data = DataDir.at(self.data_dir)
         try:
             if data.read_endpoints().engine is not None:

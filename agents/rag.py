@@ -24,7 +24,7 @@ that arrives meanwhile waits for it up to ``warmup_wait_s`` (with progress) and 
 makes do with BM25 (``data["notes"]`` says so). With ``method="bm25"`` the model is
 never loaded.
 
-The answer comes from the engine (``Client.connect("rag", data_dir)``, one
+The answer comes from the engine (the one ``endpoints.json`` names, else the data dir's; one
 ``complete_text`` with the ``prompts/rag.md`` messages, temperature 0, 200 tokens). The
 passages are numbered from 1 in the prompt and the result's ``sources`` list them in
 that order, so ``[n]`` in the answer is ``sources[n-1]`` (``data["cited"]``). When the
@@ -605,10 +605,10 @@ class RagAgent(Agent):
         from engine.protocol import Message
         from engine.sampling import SamplingParams
 
-        data = DataDir.at(self.data_dir)
-        endpoint = data.ipc("engine").removeprefix("ipc://")
-        if not await anyio.Path(endpoint).exists():
-            raise NoEngineAnswer(f"no engine socket at {endpoint}; is the engine running?")
+        endpoint, keys = self.engine_address(self.data_dir)
+        path = endpoint.removeprefix("ipc://")
+        if endpoint.startswith("ipc://") and not await anyio.Path(path).exists():
+            raise NoEngineAnswer(f"no engine socket at {path}; is the engine running?")
         budget = max(200, self.context_chars // len(passages))
         listed = "\n\n".join(
             fill(
@@ -631,7 +631,7 @@ class RagAgent(Agent):
         ]
         params = SamplingParams(temperature=0, max_tokens=self.max_tokens)
         try:
-            async with Client.connect("rag", self.data_dir, timeout=self.engine_timeout) as llm:
+            async with Client(self.name, endpoint, keys, timeout=self.engine_timeout) as llm:
                 answer = await llm.complete_text(messages=messages, params=params)
         except (EngineUnavailable, EngineError) as exc:
             raise NoEngineAnswer(str(exc)) from exc

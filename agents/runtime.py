@@ -62,7 +62,9 @@ class AgentHost:
 
     async def run(self) -> None:
         """Serve until asked to stop, then shut down cleanly."""
-        self.agent.attach(self._publish)
+        self.agent.attach(
+            self._publish, engine_endpoint=self.bus.endpoints.engine, key_dir=self.bus.key_dir
+        )
         await self.agent.on_start()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._heartbeat_loop)

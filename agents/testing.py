@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import anyio
 
 from .base import Agent, Task, TaskFailed, TaskResult
@@ -28,6 +30,30 @@ class EchoAgent(Agent):
         if "fail" in task.params:
             raise TaskFailed(task.params["fail"])
         return TaskResult(message=f"echo: {task.text}", data={"text": task.text})
+
+
+class EngineProbeAgent(Agent):
+    """Asks the engine for a few tokens after the task's text and returns them: run it as
+    ``python -m runtime agent coder --connect endpoints.json --impl
+    agents.testing:EngineProbeAgent`` to check that a worker on another host reaches its
+    instance's engine (the one ``endpoints.json`` names)."""
+
+    name = "coder"
+
+    async def on_task(self, task: Task) -> TaskResult:
+        from engine.client import Client, EngineError, EngineUnavailable
+        from engine.sampling import SamplingParams
+
+        endpoint, keys = self.engine_address(os.environ.get("CHORUS_DATA_DIR", "data"))
+        params = SamplingParams(temperature=0, max_tokens=8)
+        try:
+            async with Client(self.name, endpoint, keys, timeout=30) as llm:
+                text = await llm.complete_text(task.text, params)
+        except (EngineError, EngineUnavailable) as exc:
+            raise TaskFailed(f"the engine at {endpoint} did not answer: {exc}") from exc
+        return TaskResult(
+            message=f"the engine at {endpoint} answered", data={"endpoint": endpoint, "text": text}
+        )
 
 
 class SlowAgent(Agent):

@@ -60,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
                 help="engine-candidate: the second engine, serving a canary's candidate model "
                 "on its own socket (default engine)",
             )
+            p.add_argument(
+                "--bind",
+                help="tcp://HOST:PORT, for workers on other hosts (default: an ipc socket "
+                "under data/run); name it to the broker with --engine-endpoint",
+            )
+            p.add_argument(
+                "--allow-remote",
+                action="store_true",
+                help="let --bind take a non-loopback address",
+            )
         p.add_argument(
             "--window", type=int, default=1020, help="rolling window tokens (default 1020)"
         )
@@ -154,7 +164,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     data = DataDir.at(args.data_dir)
     data.ensure()
     ensure_keys(data.keys)
-    server = _server(args, data, data.ipc(args.name))
+    if args.bind:
+        from runtime.broker import check_bind
+
+        check_bind(args.bind, args.allow_remote)
+    server = _server(args, data, args.bind or data.ipc(args.name))
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     stats = threading.Thread(

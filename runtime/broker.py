@@ -65,7 +65,7 @@ def check_bind(endpoint: str, allow_remote: bool) -> None:
     if not loopback and not allow_remote:
         raise ConfigError(
             f"refusing to bind {endpoint}: it is not a loopback address; "
-            "pass --allow-remote if other hosts should reach this broker"
+            "pass --allow-remote if other hosts should reach it"
         )
 
 

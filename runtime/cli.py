@@ -139,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-remote",
         action="store_true",
         default=None,
-        help="let the broker bind a non-loopback address",
+        help="let the broker (and the engine, --engine-bind) bind a non-loopback address",
+    )
+    p.add_argument(
+        "--engine-bind",
+        help="engine endpoint tcp://127.0.0.1:PORT, for workers on other hosts "
+        "(default: an ipc socket under data/run)",
     )
     _broker_limits(p)
     p.add_argument(
@@ -360,6 +365,8 @@ def child_flags(
         ("--log-redact", settings.log_redact),
     )
     engine = _flags(
+        ("--bind", settings.engine_bind),
+        ("--allow-remote", settings.allow_remote and settings.engine_bind is not None),
         ("--model", settings.model),
         ("--device", settings.device),
         ("--sink", settings.sink),
@@ -388,7 +395,9 @@ def candidate_engine_flags(settings: Settings) -> tuple[str, ...] | None:
         )
     if not settings.engine:
         raise ConfigError("--candidate-model needs the engine; it is switched off (--no-engine)")
-    _, engine, _ = child_flags(settings.model_copy(update={"model": settings.candidate_model}))
+    # its own ipc socket: --engine-bind is the first engine's
+    candidate = {"model": settings.candidate_model, "engine_bind": None}
+    _, engine, _ = child_flags(settings.model_copy(update=candidate))
     return engine
 
 
@@ -464,10 +473,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
     data.ensure()
     ensure_keys(data.keys)
     _child_environment(settings, corpus_flag="corpus" in args.settings_from_flags)
-    if settings.bind:
-        from .broker import check_bind
+    from .broker import check_bind
 
-        check_bind(settings.bind, settings.allow_remote)
+    for endpoint in (settings.bind, settings.engine_bind):
+        if endpoint:
+            check_bind(endpoint, settings.allow_remote)
     broker_args, engine_args, controller_args = child_flags(settings)
     candidate_engine_args = candidate_engine_flags(settings)
     if candidate_engine_args is not None:  # the candidate voice speaks through it
@@ -504,6 +514,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
             narrator_args=narrator_args,
             shadow_args=shadow_args,
             candidate_engine_args=candidate_engine_args,
+            engine_endpoint=settings.engine_bind,
         )
         supervisor = Supervisor(data, specs, on_ready=ready if not args.ask else None)
         gateway = None

@@ -77,7 +77,14 @@ class Settings(BaseSettings):
     bind: str | None = Field(
         None, description="broker endpoint tcp://HOST:PORT (empty: ipc sockets in data/run)"
     )
-    allow_remote: bool = Field(False, description="let the broker bind a non-loopback address")
+    allow_remote: bool = Field(
+        False, description="let the broker and the engine bind a non-loopback address"
+    )
+    engine_bind: str | None = Field(
+        None,
+        description="engine endpoint tcp://HOST:PORT, for workers on other hosts "
+        "(empty: an ipc socket in data/run)",
+    )
     max_bytes: int = Field(
         1 << 20, ge=1, description="largest message the broker accepts, in bytes"
     )
@@ -259,6 +266,7 @@ FLAGS: dict[str, str] = {
     "corpus": "corpus",
     "bind": "bind",
     "allow_remote": "allow_remote",
+    "engine_bind": "engine_bind",
     "max_bytes": "max_bytes",
     "log_retain_days": "log_retain_days",
     "log_retain_mb": "log_retain_mb",

@@ -98,15 +98,18 @@ def default_specs(
     narrator_args: tuple[str, ...] = (),
     shadow_args: tuple[str, ...] | None = None,
     candidate_engine_args: tuple[str, ...] | None = None,
+    engine_endpoint: str | None = None,
 ) -> list[ChildSpec]:
     """The children of a full launch, in start order (``engine=False`` leaves it out;
     ``shadow_args`` adds the shadow narrator, ``narrator-shadow``, with those flags;
     ``candidate_engine_args`` a second engine, ``engine-candidate``, for a canary's
-    candidate model)."""
+    candidate model; ``engine_endpoint`` is where the engine serves when not on its ipc
+    socket, as its ``--bind``)."""
     common = ["--data-dir", str(data.root), "--log-json", *(["--debug"] if debug else [])]
     with_engine = engine and engine_available()
     if with_engine:
-        broker_args = (*broker_args, "--engine-endpoint", data.ipc("engine"))
+        served = engine_endpoint or data.ipc("engine")
+        broker_args = (*broker_args, "--engine-endpoint", served)
     broker = python_argv("-m", "runtime", "broker", *common, *broker_args)
     specs = [ChildSpec("broker", broker, "endpoints")]
     if with_engine:

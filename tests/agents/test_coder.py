@@ -79,8 +79,8 @@ class ScriptedEngine:
         self.error = error
         self.prompts: list[list[Message]] = []
 
-    def connect(self, identity: str, data_dir: str, **kw: float) -> Self:
-        assert identity == "coder"
+    def __call__(self, identity: str, endpoint: str, key_dir: Path, **kw: float) -> Self:
+        assert identity == "coder" and endpoint.endswith("engine.sock")
         return self
 
     async def __aenter__(self) -> Self:

@@ -99,14 +99,18 @@ CHATML = (
 
 @contextmanager
 def serving_tiny(
-    data: DataDir, tokenizer: PreTrainedTokenizerFast, config: EngineConfig
+    data: DataDir,
+    tokenizer: PreTrainedTokenizerFast,
+    config: EngineConfig,
+    endpoint: str | None = None,
 ) -> Iterator[EngineServer]:
     """The real engine server (its ROUTER socket, ZAP handler and loop) on a tiny random
-    model, in a thread, for the instance in ``data`` (keys already made)."""
+    model, in a thread, for the instance in ``data`` (keys already made), on its ipc
+    socket or ``endpoint``."""
     tokenizer.chat_template = CHATML
     _, model = tiny_pair(vocab_size=len(tokenizer))
     server = EngineServer(
-        model, tokenizer, data.ipc("engine"), data.keys, config, model_name="tiny"
+        model, tokenizer, endpoint or data.ipc("engine"), data.keys, config, model_name="tiny"
     )
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
