@@ -27,6 +27,7 @@ from .errors import MessageRejected, NotRunning
 from .instance import InstanceLock
 from .keys import ensure_keys
 from .paths import DataDir
+from .settings import Settings
 from .supervisor import Supervisor, default_specs
 
 
@@ -115,7 +116,11 @@ class Connection:
 class Runtime(Connection):
     """Starts a whole Chorus instance in the current event loop; stops it on exit.
 
-    ``narrator_args`` are flags for the narrator (``python -m orchestrator narrator
+    ``settings`` set the broker, the engine and the controller as they do for ``launch``
+    (the model, device, cache, addresses, limits, log retention, gating timers); by
+    default they are read as ``launch`` reads them: ``CHORUS_*`` variables, then the env
+    file, then the defaults. ``engine=False`` (or ``CHORUS_ENGINE=false``) starts no
+    engine. ``narrator_args`` are flags for the narrator (``python -m orchestrator narrator
     --help``: its prompt, sampling, a canary candidate); ``shadow_args``, when given, start
     the shadow narrator with those flags (docs/rollout.md)."""
 
@@ -129,8 +134,10 @@ class Runtime(Connection):
         debug: bool = False,
         narrator_args: Sequence[str] = (),
         shadow_args: Sequence[str] | None = None,
+        settings: Settings | None = None,
     ) -> None:
         super().__init__(DataDir.at(data_dir))
+        self.settings = settings if settings is not None else Settings.load()[0]
         self._narrator_args = tuple(narrator_args)
         self._shadow_args = None if shadow_args is None else tuple(shadow_args)
         self._agents = agents
@@ -143,16 +150,23 @@ class Runtime(Connection):
         self.data.ensure()
         ensure_keys(self.data.keys)
         self._stack.enter_context(InstanceLock(self.data))
+        from .cli import child_flags
+
+        broker_args, engine_args, controller_args = child_flags(self.settings)
         self.supervisor = Supervisor(
             self.data,
             default_specs(
                 self.data,
                 agents=self._agents,
-                engine=self._engine,
+                engine=self._engine and self.settings.engine,
                 orchestration=self._orchestration,
                 debug=self._debug,
+                broker_args=broker_args,
+                engine_args=engine_args,
+                controller_args=controller_args,
                 narrator_args=self._narrator_args,
                 shadow_args=self._shadow_args,
+                engine_endpoint=self.settings.engine_bind,
             ),
         )
         tg = await self._stack.enter_async_context(anyio.create_task_group())
