@@ -25,9 +25,9 @@ IDENTITIES: tuple[str, ...] = (
 WORKERS: tuple[str, ...] = ("coder", "search", "rag")
 # processes that publish heartbeats and so may own an ``event.<name>`` and ``heartbeat.<name>``
 AGENTS: tuple[str, ...] = ("controller", "narrator", "narrator-shadow", *WORKERS)
-# identities allowed to call the engine's ROUTER socket
+# identities allowed to call the engine's ROUTER socket (search never does: it has no need)
 ENGINE_CALLERS: frozenset[str] = frozenset(
-    {"controller", "narrator", "narrator-shadow", "coder", "search", "rag", "engine", "operator"}
+    {"controller", "narrator", "narrator-shadow", "coder", "rag", "engine", "operator"}
 )
 
 # what each identity may read (subscription prefixes); "" is everything
