@@ -12,7 +12,8 @@ from .base import Agent, Task, TaskFailed, TaskResult
 class EchoAgent(Agent):
     """Echoes the task text back. ``params``: ``sleep`` (seconds, in 0.1 s steps with
     progress), ``fail`` (fail with this reason), ``block`` (seconds of blocking work,
-    sent to a thread as agents must), ``fault`` (first report a ``Fault`` of this kind)."""
+    sent to a thread as agents must), ``faults`` (first report a ``Fault`` of each of
+    these kinds, comma-separated)."""
 
     name = "coder"
 
@@ -25,7 +26,7 @@ class EchoAgent(Agent):
             import time
 
             await anyio.to_thread.run_sync(time.sleep, float(task.params["block"]))
-        if kind := task.params.get("fault"):
+        for kind in filter(None, task.params.get("faults", "").split(",")):
             await self.fault(kind, f"a fault of kind {kind}, as asked")  # type: ignore[arg-type]
         if "fail" in task.params:
             raise TaskFailed(task.params["fail"])
