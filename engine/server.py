@@ -63,6 +63,11 @@ BACKGROUND_PREFILL_CHUNK = 32  # tokens per step of a background prompt (tens of
 # of a conversation the other processes (controller, narrator, broker) need the CPU the
 # engine would take, and the next request is usually only a moment away.
 BACKGROUND_AFTER_IDLE_S = 0.5
+# ... but under steady foreground work it still gets one step this often (a prefill chunk
+# and a place in the decode batch), so it finishes in bounded time instead of waiting
+# (and holding its session's cache) for as long as the load lasts.
+BACKGROUND_EVERY_S = 0.25
+MAX_BACKGROUND_JOBS = 4  # more are refused as busy: each holds a temporary session's cache
 # A generation still waiting for its turn (queued behind other prefills, or a background
 # job held back by foreground work) gets an empty chunk this often, so its caller tells a
 # busy engine from a dead one (a client gives up after its timeout without a chunk: 30 s
@@ -198,6 +203,7 @@ class EngineServer:
         self.snapshot = self.stats()  # refreshed by the loop for the stats thread to read
         self._snapshot_at = 0.0
         self._foreground_at = 0.0  # when a foreground job last had work
+        self._background_at = 0.0  # when background jobs last had a step
         self._kept_alive_at = 0.0
 
     # -- the loop --------------------------------------------------------------------------
@@ -330,6 +336,10 @@ class EngineServer:
                 return None
             case Complete(params=params):
                 sampler = self._sampler(params)
+                if request.background and self._background_jobs() >= MAX_BACKGROUND_JOBS:
+                    raise RequestError(
+                        "busy", f"{MAX_BACKGROUND_JOBS} background requests are waiting already"
+                    )
                 session = self._temporary(caller)
                 feed = (
                     self.templates.messages(request.messages, True, first=True)
@@ -469,6 +479,9 @@ class EngineServer:
     def _has_foreground(self) -> bool:
         return any(not j.background for j in (*self.prefills, *self.streams))
 
+    def _background_jobs(self) -> int:
+        return sum(j.background for j in (*self.prefills, *self.streams))
+
     def _step(self, sock: zmq.Socket[Any]) -> None:
         # Background jobs (summaries) wait while any other job has work, and a moment
         # after: a foreground request is delayed by at most one small background step.
@@ -476,10 +489,15 @@ class EngineServer:
         if self._has_foreground():
             self._foreground_at = now
         background = now - self._foreground_at >= BACKGROUND_AFTER_IDLE_S
+        turn = not background and now - self._background_at >= BACKGROUND_EVERY_S
+        if background or turn:
+            self._background_at = now
         if self.prefills:
             self._prefill_one(sock, background=background)
+            if turn:  # its share under load: one chunk of the oldest background prompt
+                self._prefill_one(sock, background=True, only_background=True)
         if self.streams:
-            self._decode_all(sock, background=background)
+            self._decode_all(sock, background=background or turn)
 
     def _keep_alive(self, sock: zmq.Socket[Any]) -> None:
         """An empty chunk to every generation that has waited ``KEEPALIVE_S`` for a token."""
@@ -495,8 +513,10 @@ class EngineServer:
                 self._send(sock, job.route, Chunk(id=job.request, delta="", tokens=job.generated))
                 job.told_at = now
 
-    def _prefill_one(self, sock: zmq.Socket[Any], background: bool) -> None:
-        job = self._next_prefill(background)
+    def _prefill_one(
+        self, sock: zmq.Socket[Any], background: bool, only_background: bool = False
+    ) -> None:
+        job = self._next_prefill(background, only_background)
         if job is None:
             return
         if job.feed:
@@ -514,13 +534,13 @@ class EngineServer:
         else:
             self.streams.append(job)
 
-    def _next_prefill(self, background: bool) -> Job | None:
+    def _next_prefill(self, background: bool, only_background: bool = False) -> Job | None:
         """The oldest job of the session prefilled least recently: each session's jobs in
         order, and sessions take turns, so one session's backlog (a client flooding its
         conversation) never holds up the others."""
         firsts: dict[int, Job] = {}
         for job in self.prefills:
-            if background or not job.background:
+            if (background or not job.background) and (job.background or not only_background):
                 firsts.setdefault(id(job.session), job)
         return min(firsts.values(), key=lambda j: j.session.prefilled_at, default=None)
 

@@ -88,10 +88,12 @@ async def test_concurrent_generations_interleave_and_share_forward_calls(
 
 
 async def test_background_work_waits_while_a_foreground_request_runs(
-    data: DataDir, engine: EngineServer
+    data: DataDir, engine: EngineServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A summary (background) started first does not slow an answer (foreground): the
-    answer's tokens are decoded alone, and the summary finishes after it."""
+    answer's tokens are decoded alone, and the summary finishes after it (its share
+    under long foreground work is switched off here)."""
+    monkeypatch.setattr("engine.server.BACKGROUND_EVERY_S", 100)
     params = SamplingParams(temperature=0, max_tokens=30)
     async with client(data) as llm:
         await llm.open("chat")
@@ -124,6 +126,7 @@ async def test_a_generation_held_back_longer_than_the_client_timeout_is_kept_ali
     """A summary held back by foreground work for longer than the client waits for a
     chunk is not given up on: the engine sends empty chunks while it waits."""
     monkeypatch.setattr("engine.server.KEEPALIVE_S", 0.2)
+    monkeypatch.setattr("engine.server.BACKGROUND_EVERY_S", 100)  # held back all along
     params = SamplingParams(temperature=0, max_tokens=50)
     async with client(data, timeout=1.0) as llm:
         await llm.open("chat")
@@ -149,6 +152,57 @@ async def test_a_generation_held_back_longer_than_the_client_timeout_is_kept_ali
     assert chunks[-1].finish, chunks
     waits = [c for c in chunks if not c.delta and not c.finish and c.tokens == 0]
     assert len(waits) >= 3, chunks  # ~3 s held back, an empty chunk every 0.2 s
+
+
+async def test_background_work_gets_its_share_under_steady_foreground_work(
+    data: DataDir, engine: EngineServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under foreground work with no pause, a summary still advances (a step every
+    ``BACKGROUND_EVERY_S``) and finishes while the work goes on; and past
+    ``MAX_BACKGROUND_JOBS`` waiting, another background request is refused as busy
+    rather than held (each holds a cache)."""
+    monkeypatch.setattr("engine.server.BACKGROUND_EVERY_S", 0.02)
+    monkeypatch.setattr("engine.server.MAX_BACKGROUND_JOBS", 1)
+    params = SamplingParams(temperature=0, max_tokens=50)
+    async with client(data) as llm:
+        await llm.open("chat")
+        await llm.append("chat", text="The quick brown fox")
+        finished: list[str] = []
+        refused: list[str] = []
+
+        async def summary() -> None:
+            short = SamplingParams(temperature=0, max_tokens=5)
+            await llm.complete_text("summarise " * 10, short, background=True)
+            finished.append("summary")
+
+        async def another() -> None:
+            try:
+                await llm.complete_text("and this", GREEDY, background=True)
+            except EngineError as exc:
+                refused.append(exc.kind)
+
+        async def answers() -> None:  # foreground work, back to back, until the summary is in
+            with anyio.move_on_after(10):
+                while not finished:
+                    async for _ in llm.generate("chat", params):
+                        pass
+                    await llm.append("chat", text=" and")
+            finished.append("answers")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answers)
+            await anyio.sleep(0.1)  # the answers are under way
+            tg.start_soon(summary)
+            await queued_at_least_background(engine, 1)
+            tg.start_soon(another)
+    assert finished == ["summary", "answers"]  # done while the foreground work went on
+    assert refused == ["busy"]
+
+
+async def queued_at_least_background(engine: EngineServer, jobs: int) -> None:
+    with anyio.fail_after(10):
+        while engine._background_jobs() < jobs:  # noqa: ASYNC110
+            await anyio.sleep(0.001)
 
 
 async def queued_at_least(engine: EngineServer, jobs: int) -> None:
