@@ -16,16 +16,17 @@ from runtime.paths import DataDir
 from tests.conftest import BrokerProcess
 
 
+async def beat(coder: Bus) -> None:
+    """The coder's heartbeats, every 0.5 s, until cancelled."""
+    while True:
+        await coder.publish("heartbeat.coder", m.Heartbeat(state="idle", pid=os.getpid()))
+        await anyio.sleep(0.5)
+
+
 async def answering_coder(bus: Bus) -> None:
     """Heartbeats, and a result for every assignment."""
-
-    async def beat() -> None:
-        while True:
-            await bus.publish("heartbeat.coder", m.Heartbeat(state="idle", pid=os.getpid()))
-            await anyio.sleep(0.5)
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(beat)
+        tg.start_soon(beat, bus)
         with bus.subscribe("task.assign.coder") as assigned:
             async for env in assigned:
                 if isinstance(env.body, m.TaskAssign):

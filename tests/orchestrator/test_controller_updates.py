@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 import anyio
 
 from orchestrator.controller import Controller
@@ -12,12 +10,7 @@ from runtime import messages as m
 from runtime.bus import Bus
 from runtime.paths import DataDir
 from tests.conftest import BrokerProcess
-
-
-async def beat(coder: Bus) -> None:
-    while True:
-        await coder.publish("heartbeat.coder", m.Heartbeat(state="idle", pid=os.getpid()))
-        await anyio.sleep(0.5)
+from tests.orchestrator.test_controller_memory import beat
 
 
 async def test_an_update_from_an_agent_that_does_not_hold_the_task_is_refused(
