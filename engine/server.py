@@ -118,7 +118,7 @@ class Job:
     sampler: Sampler | None = None  # set for Generate/Complete
     generated: int = 0
     background: bool = False  # advances only while no foreground job has work
-    told_at: float = field(default_factory=time.monotonic)  # its last chunk, while waiting
+    told_at: float = field(default_factory=time.monotonic)  # when it was last sent a chunk
 
 
 class Templates:
@@ -505,11 +505,8 @@ class EngineServer:
         if now - self._kept_alive_at < KEEPALIVE_S / 4:
             return
         self._kept_alive_at = now
-        running = now - self._foreground_at >= BACKGROUND_AFTER_IDLE_S
-        waiting = [j for j in self.prefills if j.sampler is not None]
-        waiting += [j for j in self.streams if j.background and not running]
-        for job in waiting:
-            if now - job.told_at >= KEEPALIVE_S:
+        for job in self._jobs():
+            if job.sampler is not None and now - job.told_at >= KEEPALIVE_S:
                 self._send(sock, job.route, Chunk(id=job.request, delta="", tokens=job.generated))
                 job.told_at = now
 
@@ -545,6 +542,7 @@ class EngineServer:
         return min(firsts.values(), key=lambda j: j.session.prefilled_at, default=None)
 
     def _decode_all(self, sock: zmq.Socket[Any], background: bool) -> None:
+        now = time.monotonic()
         feeding: list[tuple[Job, int]] = []
         waiting = [job for job in self.streams if job.background and not background]
         for job in self.streams:
@@ -565,6 +563,7 @@ class EngineServer:
                 # one chunk per token, even before it makes text: progress and fairness show
                 chunk = Chunk(id=job.request, delta=delta, tokens=job.generated)
                 self._send(sock, job.route, chunk)
+                job.told_at = now
                 feeding.append((job, token))
         self._note_rate(len(self.streams) - len(waiting))
         self.streams = [job for job, _ in feeding] + waiting
