@@ -463,6 +463,53 @@ def create_app(config: GatewayConfig) -> FastAPI:
         )
 
     @app.get(
+        "/v1/chat/{conversation}/tail",
+        response_model=None,
+        responses={
+            200: {
+                "description": "the rest of the answer, as the same events as `POST /v1/chat`",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **_errors(401, 404, 422, 429),
+        },
+    )
+    async def chat_tail(
+        conversation: str,
+        token: Token,
+        stream: Annotated[
+            str | None,
+            Query(description="the last stream the client saw; default: the latest turn's first"),
+        ] = None,
+        after: Annotated[
+            int, Query(ge=-1, description="the last `seq` of `stream` the client saw")
+        ] = -1,
+    ) -> Response:
+        """The rest of an answer whose response was lost: the turn's chunks after ``seq``
+        ``after`` of ``stream`` (and its later streams), then live until the turn closes.
+        The gateway holds the recent streams it has seen since it connected."""
+        held = gateway.observer.tails.get(conversation)
+        if held is None:
+            raise HTTPException(
+                404,
+                f"the gateway holds no answer of conversation {conversation!r} (it keeps "
+                "recent streams seen since it connected; older text is in /v1/logs)",
+            )
+        if stream is not None and held.find(stream) is None:
+            raise HTTPException(
+                404,
+                f"the gateway holds no stream {stream!r} of conversation {conversation!r} "
+                "(it keeps a conversation's latest streams; older text is in /v1/logs)",
+            )
+        _open_stream(token)
+
+        async def produce(emit: feeds.Emit) -> None:
+            await feeds.follow_tail(
+                held, conversation, stream, after, emit, timeout_s=config.answer_timeout_s
+            )
+
+        return _stream(token, produce, {"X-Chorus-Conversation": conversation})
+
+    @app.get(
         "/v1/events",
         response_model=None,
         responses={

@@ -5,6 +5,8 @@
   ``/healthz``, ``/metrics`` and the known-conversation check).
 * :func:`follow_turn` streams one user turn's narrator chunks as ``chunk`` / ``final``
   / ``interrupted`` / ``error`` events, on top of :meth:`runtime.Connection.chat`.
+* :func:`follow_tail` streams what is left of an answer whose response was lost, from
+  the streams :class:`~.tails.Tails` holds.
 * :func:`follow_bus` is the activity feed of ``/v1/events``.
 * :class:`EventStream` is the ASGI response that carries either, ends it when the
   client goes away, and keeps idle connections alive with a comment every 15 s.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import aclosing
@@ -34,6 +37,7 @@ from ..bus import Subscription
 from ..embed import Connection
 from ..errors import ChorusError
 from . import models as api
+from .tails import HeldConversation, Tails
 
 log = structlog.get_logger("gateway")
 
@@ -75,6 +79,7 @@ class Observer:
     )
     last_seen: float = 0.0  # monotonic time of the last envelope
     dropped: int = 0  # envelopes the observer was too slow to take
+    tails: Tails = field(default_factory=Tails)
 
     def see(self, envelope: m.Envelope, *, live: bool = True) -> None:
         """Take one envelope into account (``live=False`` for history from the log,
@@ -96,10 +101,11 @@ class Observer:
                     self.agents[body.process].restarting = True
             case m.ProcessEvent() if envelope.topic == "sys.gave_up":
                 self._agent(body.process).gave_up = True
-            case m.UserTurn() | m.Chunk() if envelope.conversation and envelope.topic in (
-                "user.in",
-                "user.out",
-            ):
+            case m.Chunk() if envelope.conversation and envelope.topic == "user.out":
+                self.remember(envelope.conversation)
+                if live:
+                    self.tails.add(envelope.conversation, body)
+            case m.UserTurn() if envelope.conversation and envelope.topic == "user.in":
                 self.remember(envelope.conversation)
 
     def _agent(self, name: str) -> AgentSeen:
@@ -241,6 +247,34 @@ async def read_sse(lines: AsyncIterable[str]) -> AsyncIterator[tuple[str, Any]]:
             event, data = "", ""
 
 
+def chunk_events(conversation: str, chunk: m.Chunk) -> tuple[list[bytes], bool]:
+    """The SSE events of one narrator chunk, and whether they end the response (an
+    interruption, or the final chunk that closes the turn)."""
+    events = []
+    if chunk.delta:
+        event = api.ChunkEvent(
+            conversation=conversation,
+            stream=chunk.stream,
+            seq=chunk.seq,
+            delta=chunk.delta,
+            notice=chunk.notice,
+        )
+        events.append(sse("chunk", event))
+    if not chunk.final:
+        return events, False
+    if chunk.finish == "interrupted":
+        interrupted = api.InterruptedEvent(conversation=conversation, stream=chunk.stream)
+        return [*events, sse("interrupted", interrupted)], True
+    final = api.FinalEvent(
+        conversation=conversation,
+        stream=chunk.stream,
+        finish="error" if chunk.finish == "error" else "done",
+        sources=list(chunk.sources),
+        closes_turn=chunk.closes_turn,
+    )
+    return [*events, sse("final", final)], chunk.closes_turn
+
+
 async def follow_turn(
     conn: Connection,
     turn: ChatTurn,
@@ -265,30 +299,10 @@ async def follow_turn(
         async with aclosing(conn.chat(text, conversation=conversation)) as chunks:
             async for chunk in chunks:
                 stream = chunk.stream
-                if chunk.delta:
-                    event = api.ChunkEvent(
-                        conversation=conversation,
-                        stream=chunk.stream,
-                        seq=chunk.seq,
-                        delta=chunk.delta,
-                        notice=chunk.notice,
-                    )
-                    await emit(sse("chunk", event))
-                if not chunk.final:
-                    continue
-                if chunk.finish == "interrupted":
-                    interrupted = api.InterruptedEvent(conversation=conversation, stream=stream)
-                    await emit(sse("interrupted", interrupted))
-                    return True
-                final = api.FinalEvent(
-                    conversation=conversation,
-                    stream=chunk.stream,
-                    finish="error" if chunk.finish == "error" else "done",
-                    sources=list(chunk.sources),
-                    closes_turn=chunk.closes_turn,
-                )
-                await emit(sse("final", final))
-                if chunk.closes_turn:
+                events, ends = chunk_events(conversation, chunk)
+                for event in events:
+                    await emit(event)
+                if ends:
                     return True
         return False  # the subscription ended: the bus closed
 
@@ -316,6 +330,53 @@ async def follow_turn(
     if overall.cancelled_caught:
         error = f"no answer within {timeout_s:g} s; the turn may still be answered later"
     await emit(sse("error", api.ErrorEvent(error=error or "the bus connection closed")))
+
+
+async def follow_tail(
+    held: HeldConversation,
+    conversation: str,
+    stream: str | None,
+    after: int,
+    emit: Emit,
+    *,
+    timeout_s: float,
+) -> None:
+    """Emit what is left of the turn that ``stream`` answers, from its chunk after
+    ``after`` (``stream`` None: the conversation's latest turn from its start), then
+    follow the turn live until it closes, is interrupted, or says nothing for
+    ``timeout_s``. The events are those of :func:`follow_turn`."""
+    first = held.find(stream) if stream is not None else None
+    if first is None:
+        turn = held.turn_of_latest() or ""
+        first, after = held.of_turn(turn)[0], -1
+    turn = first.turn
+    said: dict[str, float] = {}  # per stream: the last seq emitted (or seen before)
+    for earlier in held.of_turn(turn):
+        if earlier is first:
+            break
+        said[earlier.stream] = math.inf  # the client had these before the one it names
+    said[first.stream] = after
+    last_stream = first.stream
+    with anyio.move_on_after(timeout_s) as quiet:
+        while True:
+            for one in held.of_turn(turn):
+                for chunk in one.chunks:
+                    if chunk.seq <= said.get(one.stream, -1):
+                        continue
+                    said[one.stream], last_stream = chunk.seq, one.stream
+                    events, ends = chunk_events(conversation, chunk)
+                    for event in events:
+                        await emit(event)
+                    if ends:
+                        return
+                    quiet.deadline = anyio.current_time() + timeout_s
+            if held.superseded(turn):
+                interrupted = api.InterruptedEvent(conversation=conversation, stream=last_stream)
+                await emit(sse("interrupted", interrupted))
+                return
+            await held.changed()
+    error = f"nothing more of this answer within {timeout_s:g} s; it may still come later"
+    await emit(sse("error", api.ErrorEvent(error=error)))
 
 
 # -- the activity feed ---------------------------------------------------------------------

@@ -207,6 +207,7 @@ TOKEN_ROUTES = [
     ("GET", "/v1/events"),
     ("GET", "/metrics"),
     ("POST", "/v1/chat"),
+    ("GET", "/v1/chat/c1/tail"),
 ]
 
 

@@ -115,3 +115,22 @@ def test_restarts_and_heartbeats_from_before_the_gateway_came_are_read_from_the_
     [rag] = observer.agent_list(now=now)
     assert (rag.name, rag.state, rag.task, rag.restarts) == ("rag", "busy", "t1", 1)
     assert not observer.messages  # history is state, not traffic the gateway saw
+
+
+def test_held_streams_stay_within_their_bounds() -> None:
+    from runtime.gateway.tails import STREAMS_PER_CONVERSATION, Tails
+
+    tails = Tails(max_chunks=10)
+    for seq in (0, 1, 1, 0):  # a chunk said again counts once
+        tails.add("c1", m.Chunk(stream="s", seq=seq, delta="x", turn="t"))
+    held = tails.get("c1")
+    assert held is not None and [c.seq for c in held.streams[0].chunks] == [0, 1]
+    for i in range(STREAMS_PER_CONVERSATION + 2):  # a conversation keeps its latest streams
+        tails.add("c2", m.Chunk(stream=f"s{i}", seq=0, delta="x"))
+    streams = tails.get("c2").streams  # type: ignore[union-attr]
+    assert streams[0].stream == "s2" and len(streams) == STREAMS_PER_CONVERSATION
+    assert streams[0].turn == "s2"  # a stream that answers no turn is its own
+    assert tails.held == 2 + STREAMS_PER_CONVERSATION
+    tails.add("c3", m.Chunk(stream="s", seq=0, delta="x"))  # past 10: the least recent goes
+    assert tails.get("c1") is None and tails.get("c2") is not None
+    assert tails.held == STREAMS_PER_CONVERSATION + 1

@@ -38,6 +38,15 @@ export interface ChatStream extends AsyncIterable<ChatEvent> {
   readonly conversation: Promise<string>;
 }
 
+/** Options of `resumeChat`: where the client's last response broke off. */
+export interface ResumeOptions {
+  /** The last `stream` a chunk was seen of; left out, the conversation's latest turn from its start. */
+  stream?: string;
+  /** The last `seq` of that stream seen (default -1: all of it). */
+  after?: number;
+  signal?: AbortSignal;
+}
+
 /** Options of `streamEvents`. */
 export interface EventsOptions {
   /** Topic prefixes (`task.`, `heartbeat.`, `sys.` …); the gateway's default feed when left out. */
@@ -124,33 +133,24 @@ export class ChorusClient {
         throw error;
       }
       resolveConversation(response.headers.get("X-Chorus-Conversation") ?? options.conversation ?? "");
-      if (response.body === null) throw new ChorusStreamError("the gateway sent no stream");
-      for await (const sse of readSse(response.body)) {
-        // events parsed from one read are not yielded after an abort
-        options.signal?.throwIfAborted();
-        const data = parseData(sse.data);
-        switch (sse.event) {
-          case "chunk":
-            yield { ...(data as Omit<ChunkEvent, "type">), type: "chunk" };
-            break;
-          case "final": {
-            const final: FinalEvent = { ...(data as Omit<FinalEvent, "type">), type: "final" };
-            yield final;
-            if (final.closes_turn) return;
-            break;
-          }
-          case "interrupted":
-            yield { ...(data as Omit<InterruptedEvent, "type">), type: "interrupted" };
-            return;
-          case "error":
-            throw new ChorusStreamError(String((data as { error?: unknown }).error ?? sse.data));
-          default:
-            break; // an event this client does not know yet
-        }
-      }
-      throw new ChorusStreamError("the chat stream ended before the turn was closed");
+      yield* chatEvents(response, options.signal);
     }.call(this);
     return { conversation, [Symbol.asyncIterator]: () => events };
+  }
+
+  /**
+   * `GET /v1/chat/{conversation}/tail`: the rest of an answer whose `streamChat` broke
+   * off (pass the last chunk's `stream` and `seq`), or the latest turn's whole answer;
+   * then live until the turn closes. The same events as `streamChat`; a 404
+   * (`ChorusHttpError`) when the gateway no longer holds that stream.
+   */
+  async *resumeChat(conversation: string, options: ResumeOptions = {}): AsyncGenerator<ChatEvent> {
+    const path = `/v1/chat/${encodeURIComponent(conversation)}/tail`;
+    const response = await this.request(this.url(path, { stream: options.stream, after: options.after }), {
+      headers: { Accept: "text/event-stream" },
+      signal: options.signal,
+    });
+    yield* chatEvents(response, options.signal);
   }
 
   /** `GET /v1/events`: the live activity feed, one envelope per event, until aborted. */
@@ -199,6 +199,35 @@ export class ChorusClient {
     if (!response.ok) throw await httpError(response);
     return response;
   }
+}
+
+/** The chat events of a `POST /v1/chat` (or `/tail`) response, until the turn closes. */
+async function* chatEvents(response: Response, signal: AbortSignal | undefined): AsyncGenerator<ChatEvent> {
+  if (response.body === null) throw new ChorusStreamError("the gateway sent no stream");
+  for await (const sse of readSse(response.body)) {
+    // events parsed from one read are not yielded after an abort
+    signal?.throwIfAborted();
+    const data = parseData(sse.data);
+    switch (sse.event) {
+      case "chunk":
+        yield { ...(data as Omit<ChunkEvent, "type">), type: "chunk" };
+        break;
+      case "final": {
+        const final: FinalEvent = { ...(data as Omit<FinalEvent, "type">), type: "final" };
+        yield final;
+        if (final.closes_turn) return;
+        break;
+      }
+      case "interrupted":
+        yield { ...(data as Omit<InterruptedEvent, "type">), type: "interrupted" };
+        return;
+      case "error":
+        throw new ChorusStreamError(String((data as { error?: unknown }).error ?? sse.data));
+      default:
+        break; // an event this client does not know yet
+    }
+  }
+  throw new ChorusStreamError("the chat stream ended before the turn was closed");
 }
 
 function parseData(data: string): unknown {

@@ -7,6 +7,7 @@ export type {
   DecisionsFilter,
   EventsOptions,
   LogsFilter,
+  ResumeOptions,
   TasksFilter,
 } from "./client.js";
 export { ChorusAuthError, ChorusError, ChorusHttpError, ChorusStreamError, isAbortError } from "./errors.js";

@@ -65,6 +65,20 @@ describe("the client against a real gateway (no engine)", () => {
     expect(events.at(-1)).toMatchObject({ type: "final", closes_turn: true, conversation });
   });
 
+  it("resumeChat() gives a turn's answer again, whole or after the last chunk seen", async () => {
+    const stream = client.streamChat("Hello, are you there?");
+    const events = await collect(stream);
+    const conversation = await stream.conversation;
+    expect(await collect(client.resumeChat(conversation))).toEqual(events);
+    const chunks = events.filter((e) => e.type === "chunk");
+    const first = chunks[0];
+    if (first === undefined || first.type !== "chunk") throw new Error("the answer had no chunk");
+    const rest = await collect(client.resumeChat(conversation, { stream: first.stream, after: first.seq }));
+    expect(rest).toEqual(events.slice(events.indexOf(first) + 1));
+    const gone = collect(client.resumeChat(conversation, { stream: "no-such-stream" }));
+    await expect(gone).rejects.toMatchObject({ name: "ChorusHttpError", status: 404 });
+  });
+
   it("streamChat() on a conversation the gateway never saw is a 404", async () => {
     const stream = client.streamChat("hi", { conversation: "never-seen-conversation" });
     await expect(collect(stream)).rejects.toMatchObject({ name: "ChorusHttpError", status: 404 });

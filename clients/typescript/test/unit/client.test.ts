@@ -57,6 +57,14 @@ describe("ChorusClient", () => {
     await expect(collect(cut.streamChat("x"))).rejects.toBeInstanceOf(ChorusStreamError);
   });
 
+  it("asks for a turn's tail by stream and seq, and reads it as a chat stream", async () => {
+    const { client, seen } = fakeGateway(() => sse(chunk("b", 1) + final(true)));
+    const events = await collect(client.resumeChat("c 1", { stream: "s1", after: 0 }));
+    expect(events.map((e) => e.type)).toEqual(["chunk", "final"]);
+    expect(seen[0]?.url).toBe("http://gw/v1/chat/c%201/tail?stream=s1&after=0");
+    expect(seen[0]?.init?.method).toBeUndefined();
+  });
+
   it("turns 4xx into ChorusHttpError with the gateway's message, 401 into ChorusAuthError", async () => {
     const json = (status: number, body: unknown) => new Response(JSON.stringify(body), { status });
     const { client } = fakeGateway((url) =>
