@@ -69,6 +69,15 @@ def receiver_of(topic: str) -> str | None:
     return None
 
 
+# who acknowledges whom: each reliable topic's receiver (receiver_of) to the one identity
+# that may publish that topic (user.in: client; task.assign.*, narrator.cue: controller)
+_ACKNOWLEDGES: dict[str, str] = {
+    "controller": "client",
+    "narrator": "controller",
+    **dict.fromkeys(WORKERS, "controller"),
+}
+
+
 def ack_topic(original_sender: str) -> str:
     """Where acknowledgements for ``original_sender``'s reliable messages go."""
     return f"ack.{original_sender}"
@@ -115,7 +124,9 @@ def publish_violation(identity: str, topic: str) -> str | None:
     elif root == "sys" and len(parts) == 2:
         ok = identity in ("broker", "supervisor")
     elif root == "ack" and len(parts) == 2:
-        ok = parts[1] in IDENTITIES
+        # its own (the bus's readiness round trip), or that of the sender it acknowledges:
+        # no one can stop another's re-sending by acknowledging what it never received
+        ok = parts[1] == identity or _ACKNOWLEDGES.get(identity) == parts[1]
     else:
         return f"unknown topic {topic!r}"
     return None if ok else f"{identity} may not publish {topic}"

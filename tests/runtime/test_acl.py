@@ -24,6 +24,9 @@ from runtime import messages as m
         ("operator", "sys.config"),
         ("supervisor", "sys.restart"),
         ("narrator", "ack.controller"),
+        ("controller", "ack.client"),
+        ("rag", "ack.controller"),
+        ("engine", "ack.engine"),
     ],
 )
 def test_allowed_publishers(identity: str, topic: str) -> None:
@@ -48,10 +51,26 @@ def test_allowed_publishers(identity: str, topic: str) -> None:
         ("coder", "sys.restart"),
         ("coder", "nonsense.topic"),
         ("coder", "ack.nobody"),
+        ("coder", "ack.client"),
+        ("coder", "ack.narrator"),
+        ("client", "ack.controller"),
+        ("narrator-shadow", "ack.controller"),
+        ("monitor", "ack.monitor"),
     ],
 )
 def test_forbidden_publishers(identity: str, topic: str) -> None:
     assert acl.publish_violation(identity, topic) is not None
+
+
+def test_every_reliable_topics_receiver_may_acknowledge_each_of_its_publishers() -> None:
+    reliable = ["user.in", "narrator.cue", *(f"task.assign.{w}" for w in acl.WORKERS)]
+    for topic in reliable:
+        receiver = acl.receiver_of(topic)
+        assert receiver is not None
+        publishers = [i for i in acl.IDENTITIES if acl.publish_violation(i, topic) is None]
+        assert publishers, topic
+        for publisher in publishers:
+            assert acl.publish_violation(receiver, acl.ack_topic(publisher)) is None
 
 
 def test_subscriptions() -> None:
