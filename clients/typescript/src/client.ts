@@ -1,4 +1,4 @@
-import { ChorusAuthError, ChorusHttpError, ChorusStreamError } from "./errors.js";
+import { ChorusAuthError, ChorusError, ChorusHttpError, ChorusStreamError, isAbortError } from "./errors.js";
 import { readSse } from "./sse.js";
 import type {
   Agent,
@@ -204,30 +204,35 @@ export class ChorusClient {
 /** The chat events of a `POST /v1/chat` (or `/tail`) response, until the turn closes. */
 async function* chatEvents(response: Response, signal: AbortSignal | undefined): AsyncGenerator<ChatEvent> {
   if (response.body === null) throw new ChorusStreamError("the gateway sent no stream");
-  for await (const sse of readSse(response.body)) {
-    // events parsed from one read are not yielded after an abort
-    signal?.throwIfAborted();
-    const data = parseData(sse.data);
-    switch (sse.event) {
-      case "chunk":
-        yield { ...(data as Omit<ChunkEvent, "type">), type: "chunk" };
-        break;
-      case "final": {
-        const final: FinalEvent = { ...(data as Omit<FinalEvent, "type">), type: "final" };
-        yield final;
-        if (final.closes_turn) return;
-        break;
+  try {
+    for await (const sse of readSse(response.body)) {
+      // events parsed from one read are not yielded after an abort
+      signal?.throwIfAborted();
+      const data = parseData(sse.data);
+      switch (sse.event) {
+        case "chunk":
+          yield { ...(data as Omit<ChunkEvent, "type">), type: "chunk" };
+          break;
+        case "final": {
+          const final: FinalEvent = { ...(data as Omit<FinalEvent, "type">), type: "final" };
+          yield final;
+          if (final.closes_turn) return;
+          break;
+        }
+        case "interrupted":
+          yield { ...(data as Omit<InterruptedEvent, "type">), type: "interrupted" };
+          return;
+        case "error":
+          throw new ChorusStreamError(String((data as { error?: unknown }).error ?? sse.data));
+        default:
+          break; // an event this client does not know yet
       }
-      case "interrupted":
-        yield { ...(data as Omit<InterruptedEvent, "type">), type: "interrupted" };
-        return;
-      case "error":
-        throw new ChorusStreamError(String((data as { error?: unknown }).error ?? sse.data));
-      default:
-        break; // an event this client does not know yet
     }
+  } catch (error) {
+    if (isAbortError(error) || error instanceof ChorusError) throw error;
+    throw new ChorusStreamError(`the chat stream broke off: ${String(error)}`, true);
   }
-  throw new ChorusStreamError("the chat stream ended before the turn was closed");
+  throw new ChorusStreamError("the chat stream ended before the turn was closed", true);
 }
 
 function parseData(data: string): unknown {

@@ -21,9 +21,18 @@ export class ChorusAuthError extends ChorusHttpError {
   override name = "ChorusAuthError";
 }
 
-/** The chat stream ended with an `error` event, or broke off before its turn was closed. */
+/**
+ * The chat stream ended with an `error` event, or broke off before its turn was closed
+ * (`brokeOff`: the connection ended or failed; `resumeChat` can fetch the rest).
+ */
 export class ChorusStreamError extends ChorusError {
   override name = "ChorusStreamError";
+  constructor(
+    message: string,
+    readonly brokeOff = false,
+  ) {
+    super(message);
+  }
 }
 
 /** True for the error that `fetch` and the streams throw when their `AbortSignal` fires. */

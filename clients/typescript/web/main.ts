@@ -8,7 +8,7 @@
  * Text from the gateway only reaches the page through `textContent` or the escaping
  * Markdown renderer.
  */
-import { ChorusAuthError, ChorusClient, ChorusHttpError, isAbortError } from "../src/index.js";
+import { ChorusAuthError, ChorusClient, ChorusHttpError, ChorusStreamError, isAbortError } from "../src/index.js";
 import type { Agent, BusEvent, ChatEvent, TaskNode } from "../src/index.js";
 import { renderMarkdown } from "./markdown.js";
 
@@ -163,13 +163,8 @@ async function send(text: string): Promise<void> {
   void id.then((value) => {
     if (value) conversation = value;
   });
-  const streams = new Map<string, StreamView>();
   try {
-    for await (const event of stream) {
-      const stick = nearBottom();
-      render(turn, streams, event);
-      keepInView(stick);
-    }
+    await follow(turn, stream, id, mine.abort.signal);
   } catch (error) {
     if (isAbortError(error) || mine.abort.signal.aborted) return;
     if (handledAuth(error)) {
@@ -183,6 +178,52 @@ async function send(text: string): Promise<void> {
   } finally {
     turn.classList.remove("streaming");
     if (current === mine) current = undefined;
+  }
+}
+
+const RESUME_TRIES = 3;
+const RESUME_AFTER_MS = 1000; // then 2 s, 3 s
+
+/**
+ * Shows a turn's events as they come. When the connection breaks off mid-answer, asks
+ * the gateway for the rest (`GET /v1/chat/{id}/tail`) from the last chunk shown, a
+ * few times; what was shown already is not shown again.
+ */
+async function follow(
+  turn: HTMLElement,
+  first: AsyncIterable<ChatEvent>,
+  conversationId: Promise<string | undefined>,
+  signal: AbortSignal,
+): Promise<void> {
+  const streams = new Map<string, StreamView>();
+  const shown = new Map<string, number>(); // per stream: the last seq shown
+  const ended = new Set<string>(); // streams whose final was shown
+  let last: { stream: string; seq: number } | undefined;
+  let events = first;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      for await (const event of events) {
+        if (event.type === "chunk") {
+          if (event.seq <= (shown.get(event.stream) ?? -1)) continue;
+          shown.set(event.stream, event.seq);
+          last = { stream: event.stream, seq: event.seq };
+        } else if (event.type === "final") {
+          if (ended.has(event.stream)) continue;
+          ended.add(event.stream);
+        }
+        const stick = nearBottom();
+        render(turn, streams, event);
+        keepInView(stick);
+      }
+      return;
+    } catch (error) {
+      const id = await conversationId;
+      const broke = error instanceof ChorusStreamError && error.brokeOff;
+      if (!broke || last === undefined || id === undefined || attempt > RESUME_TRIES) throw error;
+      await new Promise((resume) => setTimeout(resume, RESUME_AFTER_MS * attempt));
+      signal.throwIfAborted();
+      events = client.resumeChat(id, { stream: last.stream, after: last.seq, signal });
+    }
   }
 }
 

@@ -105,6 +105,38 @@ describe("the web chat page", () => {
     await page.screenshot({ path: resolve(SHOTS, "desktop.png") });
   });
 
+  it("a reply whose connection breaks off is fetched again from the last chunk shown", async () => {
+    // the gateway's real response, cut after its first chunk as a dropped connection would
+    const deltas: string[] = [];
+    await page.route("**/v1/chat", async (route) => {
+      const response = await route.fetch();
+      const events = (await response.text()).split("\n\n").filter((e) => e.startsWith("event: "));
+      for (const event of events.filter((e) => e.startsWith("event: chunk"))) {
+        deltas.push((JSON.parse(event.split("\ndata: ")[1] ?? "{}") as { delta: string }).delta);
+      }
+      await route.fulfill({ response, body: `: stream open\n\n${events[0]}\n\n` });
+    });
+    try {
+      const tail = page.waitForRequest((request) => request.url().includes("/tail?"));
+      await ask(page, "Are you still there?");
+      const asked = new URL((await tail).url());
+      expect(asked.searchParams.get("after")).toBe("0");
+      const turn = page.locator(".turn").last();
+      await page.locator(".turn.streaming").waitFor({ state: "detached" });
+      expect(deltas.length).toBeGreaterThan(1); // the cut left something to fetch
+      expect(await turn.locator(".notice.error").count()).toBe(0);
+      // every stream of the turn shows all its text, once (Markdown may change the spacing),
+      // and the rest came from the tail: the cut response held only the first chunk
+      const shown = (await turn.locator(".message.narrator, .notice").allTextContents()).join("");
+      expect(shown.replace(/\s+/g, "")).toBe(deltas.join("").replace(/\s+/g, ""));
+      for (const cls of await turn.locator(".message.narrator, .notice").evaluateAll((els) => els.map((e) => e.className))) {
+        expect(cls).toMatch(/\b(done|failed)\b/); // its final came through too
+      }
+    } finally {
+      await page.unroute("**/v1/chat");
+    }
+  });
+
   it("fits a 390 px phone screen, with the rail as a drawer, after logging in by URL", async () => {
     const phone = await browser.newContext({ viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true });
     try {

@@ -52,9 +52,20 @@ describe("ChorusClient", () => {
 
   it("throws ChorusStreamError for an error event, and for a stream cut before its turn closed", async () => {
     const failing = fakeGateway(() => sse(chunk("a") + 'event: error\ndata: {"error": "no answer in time"}\n\n')).client;
-    await expect(collect(failing.streamChat("x"))).rejects.toThrow(new ChorusStreamError("no answer in time"));
+    await expect(collect(failing.streamChat("x"))).rejects.toMatchObject({ message: "no answer in time", brokeOff: false });
     const cut = fakeGateway(() => sse(chunk("a") + final(false))).client;
-    await expect(collect(cut.streamChat("x"))).rejects.toBeInstanceOf(ChorusStreamError);
+    await expect(collect(cut.streamChat("x"))).rejects.toMatchObject({ name: "ChorusStreamError", brokeOff: true });
+    // the connection fails while the body is read
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        controller.enqueue(new TextEncoder().encode(chunk("a")));
+        controller.error(new TypeError("network error"));
+      },
+    });
+    const failed = fakeGateway(() => new Response(body, { headers: { "Content-Type": "text/event-stream" } })).client;
+    const error: unknown = await collect(failed.streamChat("x")).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(ChorusStreamError);
+    expect(error).toMatchObject({ brokeOff: true, message: "the chat stream broke off: TypeError: network error" });
   });
 
   it("asks for a turn's tail by stream and seq, and reads it as a chat stream", async () => {
