@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
+from runtime import messages as m
+from runtime.bus import Bus, Subscription
 from runtime.gateway.feeds import read_sse
 from runtime.keys import ensure_keys
 from runtime.paths import DataDir
@@ -196,6 +199,42 @@ def gateway_on() -> Iterator[Callable[..., Gateway]]:
 
 
 SseEvents = Callable[[httpx.Response], AsyncIterator[tuple[str, dict[str, Any]]]]
+
+
+@dataclass
+class Scripted:
+    """A gateway in front of a bare instance whose controller and narrator the test
+    plays on the real bus (the identities the broker authenticates)."""
+
+    client: httpx.AsyncClient
+    turns: Subscription  # user.in, acknowledged as the controller would
+    narrator: Bus
+
+    async def say(self, turn: m.Envelope, stream: str, seq: int, delta: str, **end: Any) -> None:
+        """One narrator chunk answering ``turn``."""
+        chunk = m.Chunk(stream=stream, seq=seq, delta=delta, turn=turn.id, **end)
+        await self.narrator.publish("user.out", chunk, conversation=turn.conversation)
+
+
+@asynccontextmanager
+async def scripted_gateway(
+    tmp_path: Path, gateway_on: Callable[..., Gateway]
+) -> AsyncIterator[Scripted]:
+    """:class:`Scripted` on an instance with no agents, engine or orchestration."""
+    import anyio
+
+    from runtime.embed import Runtime
+
+    data = DataDir(tmp_path / "data")
+    async with Runtime(data.root, agents={}, engine=False, orchestration=False) as rt:
+        gw = await anyio.to_thread.run_sync(gateway_on, data)
+        await gw.wait_connected()
+        async with (
+            rt.bus("controller") as controller,
+            rt.bus("narrator") as narrator,
+            gw.client() as client,
+        ):
+            yield Scripted(client, controller.subscribe("user.in"), narrator)
 
 
 # every route that needs the token (the page, /login, /healthz and the API docs do not)

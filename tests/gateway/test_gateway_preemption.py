@@ -10,9 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from runtime import messages as m
-from runtime.embed import Runtime
-from runtime.paths import DataDir
+from tests.gateway.conftest import scripted_gateway
 
 if TYPE_CHECKING:
     from conftest import Gateway, SseEvents
@@ -30,48 +28,36 @@ async def _two_turns(
     """Turn 1 starts streaming; turn 2 arrives on the same conversation; the scripted
     narrator cuts turn 1 (or, when ``narrator_preempts`` is false, never ends it) and
     answers turn 2. Returns both responses' events."""
-    data = DataDir(tmp_path / "data")
-    async with Runtime(data.root, agents={}, engine=False, orchestration=False) as rt:
-        gw = await anyio.to_thread.run_sync(gateway_on, data)
-        await gw.wait_connected()
-        async with (
-            rt.bus("controller") as controller,
-            rt.bus("narrator") as narrator,
-            gw.client() as client,
-        ):
-            turns = controller.subscribe("user.in")  # acknowledged as the controller would
-            first: Events = []
-            second: Events = []
-            conversation: list[str] = []
-            first_spoke = anyio.Event()
+    async with scripted_gateway(tmp_path, gateway_on) as gw:
+        client, turns, say = gw.client, gw.turns, gw.say
+        first: Events = []
+        second: Events = []
+        conversation: list[str] = []
+        first_spoke = anyio.Event()
 
-            async def say(turn: m.Envelope, stream: str, seq: int, delta: str, **end: Any) -> None:
-                chunk = m.Chunk(stream=stream, seq=seq, delta=delta, turn=turn.id, **end)
-                await narrator.publish("user.out", chunk, conversation=turn.conversation)
+        async def post(events: Events, body: dict[str, Any]) -> None:
+            async with client.stream("POST", "/v1/chat", json=body) as response:
+                assert response.status_code == 200
+                conversation.append(response.headers["x-chorus-conversation"])
+                async for event in sse(response):
+                    events.append(event)
+                    first_spoke.set()
 
-            async def post(events: Events, body: dict[str, Any]) -> None:
-                async with client.stream("POST", "/v1/chat", json=body) as response:
-                    assert response.status_code == 200
-                    conversation.append(response.headers["x-chorus-conversation"])
-                    async for event in sse(response):
-                        events.append(event)
-                        first_spoke.set()
-
-            with anyio.fail_after(30):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(post, first, {"text": "tell me a long story"})
-                    turn1 = await turns.receive()
-                    await say(turn1, "s1", 0, "Once upon a time")
-                    await first_spoke.wait()
-                    tg.start_soon(post, second, {"text": "stop", "conversation": conversation[0]})
-                    turn2 = await turns.receive()
-                    assert turn2.conversation == turn1.conversation == conversation[0]
-                    if narrator_preempts:  # as orchestrator.narrator does on a preempt cue
-                        await say(
-                            turn1, "s1", 1, "", final=True, finish="interrupted", closes_turn=True
-                        )
-                    await say(turn2, "s2", 0, "Stopped.")
-                    await say(turn2, "s2", 1, "", final=True, finish="done", closes_turn=True)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(post, first, {"text": "tell me a long story"})
+                turn1 = await turns.receive()
+                await say(turn1, "s1", 0, "Once upon a time")
+                await first_spoke.wait()
+                tg.start_soon(post, second, {"text": "stop", "conversation": conversation[0]})
+                turn2 = await turns.receive()
+                assert turn2.conversation == turn1.conversation == conversation[0]
+                if narrator_preempts:  # as orchestrator.narrator does on a preempt cue
+                    await say(
+                        turn1, "s1", 1, "", final=True, finish="interrupted", closes_turn=True
+                    )
+                await say(turn2, "s2", 0, "Stopped.")
+                await say(turn2, "s2", 1, "", final=True, finish="done", closes_turn=True)
     return first, second
 
 
