@@ -10,7 +10,6 @@ gives lengths, from the ``len=N`` of each redacted delta.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import time
@@ -30,9 +29,9 @@ from .query import (
     _stderr_warn,
     query_envelopes,
 )
+from .writer import REDACTED
 
 VOICES = {"narrator": "user.out", "narrator-shadow": "shadow.user.out"}
-_REDACTED = re.compile(r"<redacted [^ ]+ len=(\d+)>")
 
 
 class Stream(msgspec.Struct, kw_only=True):
@@ -56,7 +55,7 @@ class Row(msgspec.Struct, kw_only=True):
 
 
 def _chars(delta: str) -> int:
-    redacted = _REDACTED.fullmatch(delta)
+    redacted = REDACTED.fullmatch(delta)
     return int(redacted.group(1)) if redacted else len(delta)
 
 

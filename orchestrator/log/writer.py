@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +39,14 @@ from runtime.messages import Chunk, Cue, Envelope, TaskAssign, TaskUpdate, UserT
 from .layout import hour_file_name, list_log_files
 from .retention import MIB, MaintenanceReport, maintain
 
-__all__ = ["LogWriter", "hour_file_name", "redact_envelope", "redact_text", "repair_torn_tail"]
+__all__ = [
+    "REDACTED",
+    "LogWriter",
+    "hour_file_name",
+    "redact_envelope",
+    "redact_text",
+    "repair_torn_tail",
+]
 
 log = structlog.get_logger("log_writer")
 
@@ -88,6 +96,10 @@ def repair_torn_tail(path: Path) -> int:
             keep = 0
         f.truncate(keep)
         return size - keep
+
+
+# what redact_text writes; group 1 is the length of the text it replaced
+REDACTED = re.compile(r"<redacted [^ ]+ len=(\d+)>")
 
 
 def redact_text(text: str, key: bytes | None = None) -> str:

@@ -108,7 +108,7 @@ class Gateway:
                 continue
             try:
                 async with connect(data.root) as conn:
-                    await anyio.to_thread.run_sync(self._seed)
+                    self._hold(await anyio.to_thread.run_sync(self._seed))
                     self.conn = conn
                     log.info("gateway_connected", data=str(data.root))
                     await self.observer.run(conn)
@@ -118,13 +118,28 @@ class Gateway:
                 self.conn = None
             await anyio.sleep(1.0)
 
-    def _seed(self) -> None:
+    def _seed(self) -> list[m.Envelope]:
+        """What the log says about before: the observer's state is set here, and the
+        recent narrator chunks are returned for the event loop to hold."""
         pid_file = self.config.data.run / "launch.pid"
         try:
             since = pid_file.stat().st_mtime  # the instance's start
         except FileNotFoundError:
             since = time.time() - 3600
         self.observer.seed_from_log(self.config.data.logs, since=since)
+        return feeds.recent_chunks(self.config.data.logs)
+
+    def _hold(self, chunks: list[m.Envelope]) -> None:
+        """Hold the log's recent chunks of the conversations not held yet (in the event
+        loop: a held chunk may wake a tail). One held already keeps what it has: after a
+        reconnect, its streams from the log would come after its newer ones."""
+        tails = self.observer.tails
+        fresh = {
+            e.conversation for e in chunks if e.conversation and tails.get(e.conversation) is None
+        }
+        for chunk in chunks:
+            if chunk.conversation in fresh:
+                self.observer.see(chunk, live=False)
 
     def connection(self) -> Connection:
         if self.conn is None:
@@ -486,7 +501,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
     ) -> Response:
         """The rest of an answer whose response was lost: the turn's chunks after ``seq``
         ``after`` of ``stream`` (and its later streams), then live until the turn closes.
-        The gateway holds the recent streams it has seen since it connected."""
+        The gateway holds the recent streams it has seen, and on connecting those of
+        the last 10 minutes in the bus log."""
         held = gateway.observer.tails.get(conversation)
         if held is None:
             raise HTTPException(

@@ -46,6 +46,7 @@ ENGINE_SILENT_AFTER_S = 6.0  # the engine reports every 2 s
 HEARTBEAT_EVERY_S = 5.0  # the activity feed passes at most one heartbeat per agent this often
 KEEPALIVE_S = 15.0
 KNOWN_CONVERSATIONS = 100_000
+TAIL_SEED_S = 600.0  # a gateway that (re)connects holds the streams of this long ago again
 # left out of the activity feed unless asked for by prefix: the narrator's text has its
 # own route, a shadow narrator is never shown to users, acks are delivery plumbing
 QUIET_PREFIXES = ("user.out", "shadow.user.out", "ack.")
@@ -103,8 +104,7 @@ class Observer:
                 self._agent(body.process).gave_up = True
             case m.Chunk() if envelope.conversation and envelope.topic == "user.out":
                 self.remember(envelope.conversation)
-                if live:
-                    self.tails.add(envelope.conversation, body)
+                self.tails.add(envelope.conversation, body)
             case m.UserTurn() if envelope.conversation and envelope.topic == "user.in":
                 self.remember(envelope.conversation)
 
@@ -182,6 +182,29 @@ class Observer:
                 self.see(envelope, live=False)
         if warnings:
             log.warning("log_seed_skipped_lines", count=len(warnings), first=warnings[0])
+
+
+def recent_chunks(log_dir: Path, *, now: float | None = None) -> list[m.Envelope]:
+    """The narrator's ``user.out`` chunks of the last :data:`TAIL_SEED_S` in the bus log
+    (a blocking read), for :meth:`Observer.see` to hold again, so that a restarted
+    gateway can still give the tail of an answer. A stream the log holds redacted
+    (``--log-redact``) is left out: its text is not there."""
+    from orchestrator.log.query import LogQuery, query_envelopes
+    from orchestrator.log.writer import REDACTED
+
+    now = time.time() if now is None else now
+    warnings: list[str] = []
+    query = LogQuery(since=now - TAIL_SEED_S, topics=("user.out",), needles=(b'"user.out"',))
+    chunks: list[m.Envelope] = []
+    redacted: set[str] = set()
+    for envelope in query_envelopes(log_dir, query, warn=warnings.append):
+        if isinstance(envelope.body, m.Chunk) and envelope.topic == "user.out":
+            chunks.append(envelope)
+            if REDACTED.fullmatch(envelope.body.delta):
+                redacted.add(envelope.body.stream)
+    if warnings:
+        log.warning("log_seed_skipped_lines", count=len(warnings), first=warnings[0])
+    return [e for e in chunks if isinstance(e.body, m.Chunk) and e.body.stream not in redacted]
 
 
 def conversation_in_log(log_dir: Path, conversation: str) -> bool:

@@ -209,6 +209,8 @@ class Scripted:
     client: httpx.AsyncClient
     turns: Subscription  # user.in, acknowledged as the controller would
     narrator: Bus
+    gateway: Gateway
+    data: DataDir
 
     async def say(self, turn: m.Envelope, stream: str, seq: int, delta: str, **end: Any) -> None:
         """One narrator chunk answering ``turn``."""
@@ -234,7 +236,7 @@ async def scripted_gateway(
             rt.bus("narrator") as narrator,
             gw.client() as client,
         ):
-            yield Scripted(client, controller.subscribe("user.in"), narrator)
+            yield Scripted(client, controller.subscribe("user.in"), narrator, gw, data)
 
 
 # every route that needs the token (the page, /login, /healthz and the API docs do not)

@@ -116,3 +116,38 @@ async def test_the_rest_of_a_lost_answer_is_replayed_then_followed_live(
         lost_stream = await client.get(f"/v1/chat/{conversation}/tail?stream=zz")
         assert lost_stream.status_code == 404
         assert "no stream 'zz'" in lost_stream.json()["error"]
+
+
+async def test_a_restarted_gateway_gives_the_tail_said_while_it_was_down(
+    tmp_path: Path, gateway_on: Callable[..., Gateway], sse: SseEvents
+) -> None:
+    async with scripted_gateway(tmp_path, gateway_on) as gw:
+        with anyio.fail_after(60):
+            conversation = ""
+            async with anyio.create_task_group() as tg:
+
+                async def post() -> None:
+                    nonlocal conversation
+                    body = {"text": "tell me"}
+                    async with gw.client.stream("POST", "/v1/chat", json=body) as response:
+                        conversation = response.headers["x-chorus-conversation"]
+                        async for name, _ in sse(response):
+                            if name == "chunk":
+                                return  # the page goes away with the gateway
+
+                tg.start_soon(post)
+                turn = await gw.turns.receive()
+                await gw.say(turn, "a1", 0, "Hello")
+            assert await anyio.to_thread.run_sync(gw.gateway.stop) == 0
+            await gw.say(turn, "a1", 1, " again")  # no gateway runs: the bus log has it
+            await gw.say(turn, "a1", 2, "", final=True, finish="done", closes_turn=True)
+
+            again = await anyio.to_thread.run_sync(gateway_on, gw.data)
+            await again.wait_connected()
+            async with again.client() as client:
+                url = f"/v1/chat/{conversation}/tail"
+                query = {"stream": "a1", "after": 0}
+                async with client.stream("GET", url, params=query) as response:
+                    assert response.status_code == 200, await response.aread()
+                    rest = [event async for event in sse(response)]
+    assert _said(rest) == [("chunk", "a1", 1, " again"), ("final", "a1", None, "")]

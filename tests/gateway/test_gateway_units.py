@@ -134,3 +134,36 @@ def test_held_streams_stay_within_their_bounds() -> None:
     tails.add("c3", m.Chunk(stream="s", seq=0, delta="x"))  # past 10: the least recent goes
     assert tails.get("c1") is None and tails.get("c2") is not None
     assert tails.held == STREAMS_PER_CONVERSATION + 1
+
+
+def test_a_gateway_that_connects_holds_the_logs_recent_streams_again(tmp_path: Path) -> None:
+    from orchestrator.log.layout import hour_file_name
+    from orchestrator.log.writer import redact_text
+    from runtime.gateway.feeds import TAIL_SEED_S, Observer, recent_chunks
+
+    now = 1_736_935_200.0 + 1800
+
+    def said(i: int, stream: str, seq: int, delta: str, ago: float, **end: object) -> m.Envelope:
+        chunk = m.Chunk(stream=stream, seq=seq, delta=delta, turn="t1", **end)  # type: ignore[arg-type]
+        return m.Envelope(id=f"e{i}", topic="user.out", sender="narrator", ts=now - ago, seq=i,
+                          body=chunk, conversation="c1")  # fmt: skip
+
+    envelopes = [
+        said(0, "old", 0, "long ago", TAIL_SEED_S + 60),
+        said(1, "a1", 0, "Hello", 30),
+        said(2, "a1", 1, "", 29, final=True, finish="done", closes_turn=True),
+        said(3, "r1", 0, redact_text("secret"), 20),  # a --log-redact log: no text to give
+        said(4, "r1", 1, redact_text(""), 19, final=True, finish="done", closes_turn=True),
+    ]
+    (tmp_path / hour_file_name(now)).write_bytes(
+        b"".join(msgspec.json.encode(e) + b"\n" for e in envelopes)
+    )
+    chunks = recent_chunks(tmp_path, now=now)
+    assert [e.id for e in chunks] == ["e1", "e2"]
+    observer = Observer()
+    for envelope in chunks:
+        observer.see(envelope, live=False)
+    held = observer.tails.get("c1")
+    assert held is not None and [s.stream for s in held.streams] == ["a1"]
+    assert [c.delta for c in held.streams[0].chunks] == ["Hello", ""]
+    assert "c1" in observer.conversations

@@ -136,7 +136,8 @@ export interface paths {
          * Chat Tail
          * @description The rest of an answer whose response was lost: the turn's chunks after ``seq``
          *     ``after`` of ``stream`` (and its later streams), then live until the turn closes.
-         *     The gateway holds the recent streams it has seen since it connected.
+         *     The gateway holds the recent streams it has seen, and on connecting those of
+         *     the last 10 minutes in the bus log.
          */
         get: operations["chat_tail_v1_chat__conversation__tail_get"];
         put?: never;
