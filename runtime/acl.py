@@ -114,7 +114,9 @@ def publish_violation(identity: str, topic: str) -> str | None:
     elif topic == "narrator.cue":
         ok = identity == "controller"
     elif topic == "narrator.decision":
-        ok = identity in ("controller", "narrator", "narrator-shadow")
+        # not the shadow: its decisions would read as the narrator's to anyone watching
+        # (it makes none; `runtime decisions --compare` reads its shadow.user.out)
+        ok = identity in ("controller", "narrator")
     elif topic == "engine.stats":
         ok = identity == "engine"
     elif topic == "sys.config":

@@ -55,6 +55,7 @@ def test_allowed_publishers(identity: str, topic: str) -> None:
         ("coder", "ack.narrator"),
         ("client", "ack.controller"),
         ("narrator-shadow", "ack.controller"),
+        ("narrator-shadow", "narrator.decision"),
         ("monitor", "ack.monitor"),
     ],
 )
