@@ -53,6 +53,18 @@ def _errors(*codes: int) -> Errors:
     return {code: {"model": api.ErrorOut} for code in codes}
 
 
+def _sse_responses(description: str, *codes: int, conversation_header: bool = False) -> Errors:
+    """The OpenAPI responses of a Server-Sent Events route: the stream, then ``codes``."""
+    ok: dict[str, Any] = {
+        "description": description,
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+    if conversation_header:
+        header = {"description": "the conversation id", "schema": {"type": "string"}}
+        ok["headers"] = {"X-Chorus-Conversation": header}
+    return {200: ok, **_errors(*codes)}
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """What one gateway serves and how."""
@@ -418,21 +430,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.post(
         "/v1/chat",
         response_model=None,
-        responses={
-            200: {
-                "description": "the narrator's stream: `chunk`, `final`, `interrupted` and "
-                "`error` events (see the ChunkEvent, FinalEvent, InterruptedEvent and "
-                "ErrorEvent schemas)",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                "headers": {
-                    "X-Chorus-Conversation": {
-                        "description": "the conversation id",
-                        "schema": {"type": "string"},
-                    }
-                },
-            },
-            **_errors(400, 401, 404, 413, 422, 429, 503),
-        },
+        responses=_sse_responses(
+            "the narrator's stream: `chunk`, `final`, `interrupted` and `error` events (see "
+            "the ChunkEvent, FinalEvent, InterruptedEvent and ErrorEvent schemas)",
+            *(400, 401, 404, 413, 422, 429, 503),
+            conversation_header=True,
+        ),
     )
     async def chat(body: api.ChatIn, token: Token) -> Response:
         """Send a user turn; stream the narrator's answer as Server-Sent Events. A newer
@@ -480,13 +483,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.get(
         "/v1/chat/{conversation}/tail",
         response_model=None,
-        responses={
-            200: {
-                "description": "the rest of the answer, as the same events as `POST /v1/chat`",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
-            },
-            **_errors(401, 404, 422, 429),
-        },
+        responses=_sse_responses(
+            "the rest of the answer, as the same events as `POST /v1/chat`",
+            *(401, 404, 422, 429),
+            conversation_header=True,
+        ),
     )
     async def chat_tail(
         conversation: str,
@@ -528,13 +529,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.get(
         "/v1/events",
         response_model=None,
-        responses={
-            200: {
-                "description": "`event: <topic>` with an envelope (EnvelopeOut) as data",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
-            },
-            **_errors(401, 429, 503),
-        },
+        responses=_sse_responses(
+            "`event: <topic>` with an envelope (EnvelopeOut) as data", *(401, 429, 503)
+        ),
     )
     async def events(
         token: Token,

@@ -714,6 +714,8 @@ export interface operations {
             /** @description the rest of the answer, as the same events as `POST /v1/chat` */
             200: {
                 headers: {
+                    /** @description the conversation id */
+                    "X-Chorus-Conversation"?: string;
                     [name: string]: unknown;
                 };
                 content: {
