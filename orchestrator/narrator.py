@@ -40,6 +40,7 @@ on, and writes no summaries.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -81,6 +82,10 @@ SUMMARY_TOKENS = 300  # of the rolling summary in a reopened session's system pr
 NOTES_TOKENS = 400  # of agent notes in one progress or result cue
 FORGET_S = 900.0  # a conversation quiet this long is forgotten (as the engine's idle_s)
 SEEN_CUES = 10_000  # cue ids remembered: the shadow gets every re-send (it never acks)
+# A broker killed mid-answer loses the chunk it held: when the broker is back, the chunks
+# of this many seconds are said again (readers keep one of each; runtime.ordering)
+RESEND_S = 30.0
+RESEND_MAX = 4096
 MODEL_CUES = frozenset({"answer", "progress", "result"})  # what a canary measures
 
 
@@ -166,6 +171,9 @@ class Narrator:
         self._summarizing: set[str] = set()
         self._resummarize: set[str] = set()
         self._seen = RecentIds(SEEN_CUES)
+        self._said: collections.deque[tuple[float, str, m.Chunk]] = collections.deque(
+            maxlen=RESEND_MAX
+        )
 
     @property
     def rollout_file(self) -> Path:
@@ -176,6 +184,7 @@ class Narrator:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(heartbeat_loop, self.bus, self.bus.identity, self._state)
+            tg.start_soon(self._resend_after_broker_restarts)
             if not self.shadow:  # the shadow may not read user.in; preempt cues still stop it
                 tg.start_soon(self._barge_ins)
             if self.canary is not None:
@@ -185,6 +194,20 @@ class Narrator:
                 async for envelope in cues:
                     if isinstance(envelope.body, m.Cue) and self._first_copy(envelope.id):
                         self._on_cue(envelope)
+
+    async def _resend_after_broker_restarts(self) -> None:
+        """Say the chunks of the last :data:`RESEND_S` again once a restarted broker is
+        ready: the one it held when it died is lost otherwise."""
+        with self.bus.subscribe("sys.started") as started:
+            async for envelope in started:
+                body = envelope.body
+                if not (isinstance(body, m.ProcessEvent) and body.process == "broker"):
+                    continue
+                since = time.monotonic() - RESEND_S
+                again = [(c, chunk) for at, c, chunk in self._said if at >= since]
+                log.info("chunks_said_again", chunks=len(again), reason="the broker restarted")
+                for conversation, chunk in again:
+                    await self.bus.publish(self.topic, chunk, conversation=conversation)
 
     def _first_copy(self, cue_id: str) -> bool:
         """Whether this cue is new here (the bus de-duplicates only for ``narrator``)."""
@@ -271,6 +294,7 @@ class Narrator:
             )
             seq += 1
             await self.bus.publish(self.topic, chunk, conversation=conversation)
+            self._said.append((time.monotonic(), conversation, chunk))
 
         await self._decide(conversation, "spoken", cue.kind, envelope.id, cue.tasks)
         try:

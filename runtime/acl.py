@@ -41,8 +41,10 @@ _READS: dict[str, tuple[str, ...]] = {
         "event.",
         "narrator.decision",
     ),
-    "narrator": ("narrator.cue", "user.in", "sys.config"),  # user.in: to stop talking at once
-    "narrator-shadow": ("narrator.cue", "sys.config"),
+    # user.in: to stop talking at once; sys.started: to say its last chunks again when the
+    # broker is back (the one a dying broker held is lost)
+    "narrator": ("narrator.cue", "user.in", "sys.config", "sys.started"),
+    "narrator-shadow": ("narrator.cue", "sys.config", "sys.started"),
     "coder": ("task.assign.coder", "sys.config"),
     "search": ("task.assign.search", "sys.config"),
     "rag": ("task.assign.rag", "sys.config"),

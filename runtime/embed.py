@@ -11,6 +11,7 @@ that is already running and stops nothing.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import AsyncExitStack
@@ -26,6 +27,7 @@ from .bus import Bus, Subscription
 from .errors import MessageRejected, NotRunning
 from .instance import InstanceLock
 from .keys import ensure_keys
+from .ordering import InOrder
 from .paths import DataDir
 from .settings import Settings
 from .supervisor import Supervisor, default_specs
@@ -80,9 +82,11 @@ class Connection:
         self, text: str, *, conversation: str | None = None
     ) -> AsyncGenerator[m.Chunk, None]:
         """Send a user turn and yield the narrator's chunks about it (an acknowledgement,
-        progress, the answer) until the one that closes the turn. A turn the broker would
-        refuse (over its size limit) is never sent: the one chunk is then the
-        ``input_rejected`` playbook line, made here, as a final notice."""
+        progress, the answer) until the one that closes the turn: each stream's in ``seq``
+        order and each once (:class:`~runtime.ordering.InOrder`: after a broker restart the
+        narrator says its last chunks again). A turn the broker would refuse (over its size
+        limit) is never sent: the one chunk is then the ``input_rejected`` playbook line,
+        made here, as a final notice."""
         assert self._client is not None
         conversation = conversation or m.new_id()
         with self._client.subscribe("user.out") as out:
@@ -104,13 +108,23 @@ class Connection:
                     closes_turn=True,
                 )
                 return
-            async for envelope in out:
-                body = envelope.body
-                if not isinstance(body, m.Chunk) or body.turn != turn.id:
-                    continue
-                yield body
-                if body.final and body.closes_turn:
-                    return
+            order = InOrder()
+            while True:
+                ready: list[m.Chunk] = []
+                gap = order.wait_s(anyio.current_time())
+                with anyio.move_on_after(math.inf if gap is None else gap):
+                    try:
+                        envelope = await out.receive()
+                    except anyio.EndOfStream:
+                        return
+                    body = envelope.body
+                    if isinstance(body, m.Chunk) and body.turn == turn.id:
+                        ready = order.offer(body, anyio.current_time())
+                ready += order.expire(anyio.current_time())
+                for chunk in ready:
+                    yield chunk
+                    if chunk.final and chunk.closes_turn:
+                        return
 
 
 class Runtime(Connection):

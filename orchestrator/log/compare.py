@@ -73,6 +73,7 @@ def compare(log_dir: Path, query: LogQuery, *, warn: Warn = _stderr_warn) -> lis
 
     rows: dict[str, Row] = {}
     streams: dict[tuple[str, str], Stream] = {}
+    said: set[tuple[str, str, int]] = set()  # a chunk said again after a broker restart counts once
     for env in query_envelopes(log_dir, q, warn=warn):
         body = env.body
         if isinstance(body, m.Cue):
@@ -84,8 +85,9 @@ def compare(log_dir: Path, query: LogQuery, *, warn: Warn = _stderr_warn) -> lis
         if not isinstance(body, m.Chunk) or VOICES.get(env.sender) != env.topic:
             continue
         row = rows.get(body.cue)
-        if row is None:  # a stream whose cue is out of range, or from before chunks named it
-            continue
+        if row is None or (env.sender, body.stream, body.seq) in said:
+            continue  # a stream whose cue is out of range (or from before chunks named it)
+        said.add((env.sender, body.stream, body.seq))
         stream = streams.get((body.cue, env.sender))
         if stream is None:
             stream = streams[(body.cue, env.sender)] = Stream()

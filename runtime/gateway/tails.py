@@ -10,6 +10,7 @@ and then the answer, and ends with a final chunk that ``closes_turn``.
 
 from __future__ import annotations
 
+import bisect
 import collections
 from dataclasses import dataclass, field
 
@@ -27,11 +28,7 @@ class HeldStream:
 
     stream: str
     turn: str  # the user.in it answers; its own id when it answers none
-    chunks: list[m.Chunk] = field(default_factory=list)
-
-    @property
-    def final(self) -> m.Chunk | None:
-        return self.chunks[-1] if self.chunks and self.chunks[-1].final else None
+    chunks: list[m.Chunk] = field(default_factory=list)  # by seq
 
 
 @dataclass(eq=False)
@@ -93,9 +90,13 @@ class Tails:
             held.streams.append(stream)
             if len(held.streams) > STREAMS_PER_CONVERSATION:
                 self.held -= len(held.streams.pop(0).chunks)
-        if stream.chunks and chunk.seq <= stream.chunks[-1].seq:
-            return  # said again or out of order: the first one said stands
-        stream.chunks.append(chunk)
+        if not stream.chunks or chunk.seq > stream.chunks[-1].seq:
+            stream.chunks.append(chunk)
+        else:
+            at = bisect.bisect_left(stream.chunks, chunk.seq, key=lambda c: c.seq)
+            if at < len(stream.chunks) and stream.chunks[at].seq == chunk.seq:
+                return  # said again (the narrator does after a broker restart): one is held
+            stream.chunks.insert(at, chunk)  # a late one fills its gap
         self.held += 1
         held._notify()
         while self.held > self.max_chunks and len(self._conversations) > 1:

@@ -167,3 +167,14 @@ def test_a_gateway_that_connects_holds_the_logs_recent_streams_again(tmp_path: P
     assert held is not None and [s.stream for s in held.streams] == ["a1"]
     assert [c.delta for c in held.streams[0].chunks] == ["Hello", ""]
     assert "c1" in observer.conversations
+
+
+def test_a_late_chunk_fills_its_gap_and_a_copy_is_held_once() -> None:
+    from runtime.gateway.tails import Tails
+
+    tails = Tails()
+    for seq in (0, 1, 3, 4, 2, 3, 0):  # 2 late; 3 and 0 said again after a broker restart
+        tails.add("c1", m.Chunk(stream="s", seq=seq, delta=str(seq), turn="t"))
+    held = tails.get("c1")
+    assert held is not None and [c.seq for c in held.streams[0].chunks] == [0, 1, 2, 3, 4]
+    assert tails.held == 5

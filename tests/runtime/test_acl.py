@@ -83,6 +83,8 @@ def test_subscriptions() -> None:
     assert not acl.may_read("coder", "")
     assert not acl.may_read("coder", "ack.controller")
     assert acl.may_read("client", "user.out")
+    assert acl.may_read("narrator", "sys.started")  # to say its last chunks again
+    assert not acl.may_read("narrator", "sys.restart")
     assert not acl.may_read("client", "task.update")
 
 
