@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Literal
 
 import anyio
+import msgspec
 import structlog
 
 from engine.client import Client, EngineError, EngineUnavailable, SessionLost
@@ -207,7 +208,8 @@ class Narrator:
                 again = [(c, chunk) for at, c, chunk in self._said if at >= since]
                 log.info("chunks_said_again", chunks=len(again), reason="the broker restarted")
                 for conversation, chunk in again:
-                    await self.bus.publish(self.topic, chunk, conversation=conversation)
+                    copy = msgspec.structs.replace(chunk, again=True)
+                    await self.bus.publish(self.topic, copy, conversation=conversation)
 
     def _first_copy(self, cue_id: str) -> bool:
         """Whether this cue is new here (the bus de-duplicates only for ``narrator``)."""

@@ -48,6 +48,7 @@ class Chunk(Body, frozen=True, kw_only=True):
     closes_turn: bool = False  # on a final chunk: the answer to the user's turn is complete
     turn: str = ""  # envelope id of the user.in this stream is about
     cue: str = ""  # envelope id of the narrator.cue this stream speaks (shadow comparisons)
+    again: bool = False  # said again after a broker restart: keep one of each (stream, seq)
 
 
 class TaskAssign(Body, frozen=True, kw_only=True):

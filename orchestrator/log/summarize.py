@@ -139,18 +139,24 @@ def collect(log_dir: Path, conversation: str, after: Sidecar) -> NewMaterial:
                 envelopes = envelopes[i + 1 :]
                 break
     positioned: list[tuple[int, Turn]] = []  # (index of the first envelope, turn)
-    open_streams: dict[str, tuple[int, list[str]]] = {}
+    open_streams: dict[str, tuple[int, dict[int, str]]] = {}  # by seq
     tasks: dict[str, TaskLine] = {}
+
+    def parts_of(chunk: m.Chunk) -> dict[int, str]:
+        return open_streams[chunk.stream][1]
+
     for i, envelope in enumerate(envelopes):
         body = envelope.body
         if isinstance(body, m.UserTurn) and body.text.strip():
             positioned.append((i, Turn("user", body.text.strip())))
         elif isinstance(body, m.Chunk):
-            start, parts = open_streams.setdefault(body.stream, (i, []))
-            parts.append(body.delta)
+            if body.again and (body.stream not in open_streams or body.seq in parts_of(body)):
+                continue  # said again after a broker restart, and already here (or summarized)
+            start, parts = open_streams.setdefault(body.stream, (i, {}))
+            parts[body.seq] = body.delta
             if body.final:
                 del open_streams[body.stream]
-                if text := "".join(parts).strip():
+                if text := "".join(parts[seq] for seq in sorted(parts)).strip():
                     positioned.append((start, Turn("chorus", text)))
         elif isinstance(body, m.TaskAssign):
             tasks[body.task] = TaskLine(task=body.task, agent=body.kind, text=body.text[:200])

@@ -32,3 +32,4 @@ async def test_the_narrator_says_its_last_chunks_again_after_a_broker_restart(
                     if len(again) == len(said):
                         break
     assert [(c.stream, c.seq, c.delta) for c in again] == [(c.stream, c.seq, c.delta) for c in said]
+    assert all(c.again for c in again) and not any(c.again for c in said)

@@ -185,3 +185,25 @@ async def test_an_engine_summary_is_deduplicated_trimmed_and_fits_its_prompt_bud
     assert len(done.summary.split()) <= 41  # the words, then an ellipsis
     assert count(model.prompts[0]) <= summarize.PROMPT_BUDGET
     assert "question number 59" in model.prompts[0]  # the newest turns survive the cut
+
+
+async def test_chunks_said_again_after_a_broker_restart_count_once(
+    data: DataDir, conv: Log
+) -> None:
+    conv.user("tell me about sets")
+    done = conv.say("Sets ", "hold ", "unique items.")  # finished before the broker died
+    cut = "s9"  # streaming when it died: seq 1 was lost with it
+    conv.add("user.out", m.Chunk(stream=cut, seq=0, delta="They "), "narrator")
+    conv.add("user.out", m.Chunk(stream=cut, seq=2, delta="fast."), "narrator")
+    for seq, part in enumerate(("Sets ", "hold ", "unique items.")):  # said again
+        again = m.Chunk(stream=done, seq=seq, delta=part, final=seq == 2, again=True)
+        conv.add("user.out", again, "narrator")
+    for seq, part in enumerate(("They ", "are ", "fast.")):
+        conv.add("user.out", m.Chunk(stream=cut, seq=seq, delta=part, again=True), "narrator")
+    conv.finish(cut, 3)
+    new = summarize.collect(data.logs, CONV, summarize.read_sidecar(data, CONV))
+    assert [t.text for t in new.turns] == [
+        "tell me about sets",
+        "Sets hold unique items.",
+        "They are fast.",  # the lost chunk filled in, in its place
+    ]
