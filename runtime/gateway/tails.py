@@ -18,7 +18,7 @@ import anyio
 
 from .. import messages as m
 
-MAX_CHUNKS = 100_000  # in all conversations: ~20 MiB of short deltas
+MAX_CHUNKS = 20_000  # in all conversations: about 8 MiB (a held chunk takes ~400 bytes)
 STREAMS_PER_CONVERSATION = 8
 
 
