@@ -3,7 +3,7 @@ batching, cancellation, eviction and bad requests, through the real socket and c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import anyio
 import msgspec
@@ -138,15 +138,8 @@ async def test_a_generation_held_back_longer_than_the_client_timeout_is_kept_ali
             async for chunk in llm.complete("summarise " * 10, short, background=True):
                 chunks.append(chunk)
 
-        async def answers() -> None:  # foreground work, back to back, for 3 s
-            with anyio.move_on_after(3):
-                while True:
-                    async for _ in llm.generate("chat", params):
-                        pass
-                    await llm.append("chat", text=" and")
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(answers)
+            tg.start_soon(answer_back_to_back, llm, params, 3)
             await anyio.sleep(0.1)  # the answers are under way
             tg.start_soon(summary)
     assert chunks[-1].finish, chunks
@@ -181,12 +174,8 @@ async def test_background_work_gets_its_share_under_steady_foreground_work(
             except EngineError as exc:
                 refused.append(exc.kind)
 
-        async def answers() -> None:  # foreground work, back to back, until the summary is in
-            with anyio.move_on_after(10):
-                while not finished:
-                    async for _ in llm.generate("chat", params):
-                        pass
-                    await llm.append("chat", text=" and")
+        async def answers() -> None:  # until the summary is in
+            await answer_back_to_back(llm, params, 10, until=lambda: bool(finished))
             finished.append("answers")
 
         async with anyio.create_task_group() as tg:
@@ -197,6 +186,18 @@ async def test_background_work_gets_its_share_under_steady_foreground_work(
             tg.start_soon(another)
     assert finished == ["summary", "answers"]  # done while the foreground work went on
     assert refused == ["busy"]
+
+
+async def answer_back_to_back(
+    llm: Client, params: SamplingParams, seconds: float, until: Callable[[], bool] = lambda: False
+) -> None:
+    """Foreground work with no pause: answers on session "chat", one after another, for
+    ``seconds`` or until ``until()``."""
+    with anyio.move_on_after(seconds):
+        while not until():
+            async for _ in llm.generate("chat", params):
+                pass
+            await llm.append("chat", text=" and")
 
 
 async def queued_at_least_background(engine: EngineServer, jobs: int) -> None:
