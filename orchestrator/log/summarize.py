@@ -141,17 +141,15 @@ def collect(log_dir: Path, conversation: str, after: Sidecar) -> NewMaterial:
     positioned: list[tuple[int, Turn]] = []  # (index of the first envelope, turn)
     open_streams: dict[str, tuple[int, dict[int, str]]] = {}  # by seq
     tasks: dict[str, TaskLine] = {}
-
-    def parts_of(chunk: m.Chunk) -> dict[int, str]:
-        return open_streams[chunk.stream][1]
-
     for i, envelope in enumerate(envelopes):
         body = envelope.body
         if isinstance(body, m.UserTurn) and body.text.strip():
             positioned.append((i, Turn("user", body.text.strip())))
         elif isinstance(body, m.Chunk):
-            if body.again and (body.stream not in open_streams or body.seq in parts_of(body)):
-                continue  # said again after a broker restart, and already here (or summarized)
+            if body.again:  # said again after a broker restart: only to fill a gap
+                reading = open_streams.get(body.stream)
+                if reading is None or body.seq in reading[1]:
+                    continue  # already here, or the stream was summarized
             start, parts = open_streams.setdefault(body.stream, (i, {}))
             parts[body.seq] = body.delta
             if body.final:

@@ -53,7 +53,9 @@ def _errors(*codes: int) -> Errors:
     return {code: {"model": api.ErrorOut} for code in codes}
 
 
-def _sse_responses(description: str, *codes: int, conversation_header: bool = False) -> Errors:
+def _sse_responses(
+    description: str, codes: tuple[int, ...], *, conversation_header: bool = False
+) -> Errors:
     """The OpenAPI responses of a Server-Sent Events route: the stream, then ``codes``."""
     ok: dict[str, Any] = {
         "description": description,
@@ -433,7 +435,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         responses=_sse_responses(
             "the narrator's stream: `chunk`, `final`, `interrupted` and `error` events (see "
             "the ChunkEvent, FinalEvent, InterruptedEvent and ErrorEvent schemas)",
-            *(400, 401, 404, 413, 422, 429, 503),
+            (400, 401, 404, 413, 422, 429, 503),
             conversation_header=True,
         ),
     )
@@ -485,7 +487,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         response_model=None,
         responses=_sse_responses(
             "the rest of the answer, as the same events as `POST /v1/chat`",
-            *(401, 404, 422, 429),
+            (401, 404, 422, 429),
             conversation_header=True,
         ),
     )
@@ -530,7 +532,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         "/v1/events",
         response_model=None,
         responses=_sse_responses(
-            "`event: <topic>` with an envelope (EnvelopeOut) as data", *(401, 429, 503)
+            "`event: <topic>` with an envelope (EnvelopeOut) as data", (401, 429, 503)
         ),
     )
     async def events(
