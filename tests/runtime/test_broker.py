@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 
@@ -357,6 +358,11 @@ async def test_the_log_writer_has_its_own_process_and_is_restarted_if_it_dies(
         for p in psutil.Process(broker.proc.pid).children()
         if "orchestrator.log.process" in " ".join(p.cmdline())
     ]
+    # below every ordinary task, and so are the threads it started (I/O, writer)
+    threads = [t.id for t in writer.threads()]
+    assert len(threads) >= 3
+    assert all(os.sched_getscheduler(tid) == os.SCHED_IDLE for tid in threads)
+    assert os.sched_getscheduler(broker.proc.pid) == os.SCHED_OTHER
     ep = data.read_endpoints()
     async with Bus("monitor", ep, data.keys) as mon, Bus("coder", ep, data.keys) as coder:
         with mon.subscribe("event.") as events:
