@@ -7,11 +7,9 @@ checked too (``XPUB_MANUAL``). Anything wrong is dropped and reported on
 ``sys.rejected`` (bad input) or ``sys.violation`` (ACL), never forwarded.
 
 The forwarding loop is plain blocking pyzmq in one thread: it is the hot path, and
-asyncio scheduling per message would halve its throughput. Its inner loop is in C
-(``runtime/_forward.c``, on the same sockets): a message whose checks are known to pass
-(it decodes, its topic and sender match, and the cached ACL verdict for its identity,
-topic and body type allows it) is forwarded there; every other one comes to
-:meth:`Broker._on_publish`, which decides, reports and fills that cache.
+asyncio scheduling per message would halve its throughput. Its socket calls for each
+message (receive, forward) are in C (``runtime/_forward.c``), on the same sockets:
+pyzmq's wrappers cost more interpreter time per message than all the checks.
 
 Slow subscribers: XPUB_NODROP stays off and each subscriber pipe has a send
 high-water mark of ``sndhwm`` messages; when a subscriber falls that far behind,
@@ -109,7 +107,7 @@ class Broker:
         self._stop_endpoint = f"inproc://broker-stop-{id(self)}"
         self._stop_lock = threading.Lock()
         self._ipc_files: list[Path] = []
-        self._verdicts: dict[tuple[str, str, type[m.Body]], tuple[str, str] | None] = {}
+        self._acl_cache: dict[tuple[str, str, type[m.Body]], tuple[str, str] | None] = {}
         # the bus log is written by a process of its own (orchestrator/log/process.py):
         # its encoding and disk writes must not take this loop's CPU or GIL
         self._log = LogProcess(
@@ -212,10 +210,6 @@ class Broker:
             log.info("broker_holding", seconds=hold_s, reason="restarted: subscribers first")
         check_log_at = time.monotonic() + 1.0
         dropped_reported = 0
-
-        def on_publish(identity: str, frames: list[bytes]) -> None:
-            self._on_publish(identity, frames, xpub)
-
         while True:
             wait = self._log.wait_s(time.monotonic())
             if hold_until:
@@ -245,19 +239,9 @@ class Broker:
             if xpub in ready:
                 self._drain_subscriptions(xpub)
             if xsub in ready:
-                # drain a batch before polling again (poll is the expensive call); the
-                # messages whose checks are cached as passing go through in C, and the
-                # others come to _on_publish, which decides
-                self.stats.forwarded += _forward.forward(
-                    xsub.underlying,
-                    xpub.underlying,
-                    RECEIVE_BATCH,
-                    m.decode_unchecked,
-                    self._verdicts,
-                    self._log.pending,
-                    self.max_bytes,
-                    on_publish,
-                )
+                # drain a batch before polling again: poll is the expensive call
+                for identity, frames in _forward.receive(xsub.underlying, RECEIVE_BATCH):
+                    self._on_publish(identity, frames, xpub)
             if self._log.wait_s(time.monotonic()) == 0.0 and self._log.flush():
                 if self._log.dropped >= dropped_reported + 10_000 or not dropped_reported:
                     # the first loss, then one report per 10,000 more
@@ -332,22 +316,22 @@ class Broker:
             else:
                 self._reject(xpub, identity, topic, reason, envelope.id)
             return
-        xpub.send_multipart(frames)
+        _forward.send(xpub.underlying, frames[0], payload)
         self.stats.forwarded += 1
         self._log.append(payload)
 
     def _verdict(self, identity: str, topic: str, body: type[m.Body]) -> tuple[str, str] | None:
         """The ACL and topic/body checks, cached: both depend only on these three."""
         key = (identity, topic, body)
-        if key not in self._verdicts:
-            if len(self._verdicts) > 10_000:  # a peer inventing topics cannot grow it forever
-                self._verdicts.clear()
+        if key not in self._acl_cache:
+            if len(self._acl_cache) > 10_000:  # a peer inventing topics cannot grow it forever
+                self._acl_cache.clear()
             reason = acl.publish_violation(identity, topic)
             mismatch = None if reason else acl.body_mismatch(topic, body)
-            self._verdicts[key] = (
+            self._acl_cache[key] = (
                 ("violation", reason) if reason else ("rejected", mismatch) if mismatch else None
             )
-        return self._verdicts[key]
+        return self._acl_cache[key]
 
     def _reject(
         self,

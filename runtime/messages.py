@@ -307,9 +307,6 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Envelope)
-# the bare call behind decode(), for the broker's C loop (runtime/_forward.c), which
-# takes any exception as "does not decode" and leaves the reasons to decode()
-decode_unchecked = _decoder.decode
 
 
 def encode(envelope: Envelope) -> bytes:

@@ -166,9 +166,8 @@ class LogProcess:
         ]
         self.failing: str | None = None  # the storage error the writer reports, while it lasts
         self.dropped = 0  # envelopes the writer could not take (HANDOFF_HWM behind, or dead)
-        # what the next flush hands over; the broker's C loop appends to it directly
-        self.pending: list[bytes | memoryview] = []
-        self._since = 0.0  # when wait_s first saw the batch pending (0: not yet)
+        self._pending: list[bytes | memoryview] = []
+        self._since = 0.0  # when the oldest pending envelope was appended
         self.sock: zmq.Socket[Any] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -201,28 +200,25 @@ class LogProcess:
         return sock
 
     def append(self, payload: bytes | memoryview) -> None:
-        """Queue one encoded envelope for the next :meth:`flush` (as ``pending.append``)."""
-        self.pending.append(payload)
+        """Queue one encoded envelope for the next :meth:`flush`."""
+        if not self._pending:  # only a batch's first envelope needs the clock
+            self._since = time.monotonic()
+        self._pending.append(payload)
 
     def wait_s(self, now: float) -> float | None:
-        """How long until a flush is due (0: now), or None when nothing is pending. The
-        batch's clock starts at the first call that finds it pending (the broker calls
-        this after every round of forwarding)."""
-        if not self.pending:
+        """How long until a flush is due (0: now), or None when nothing is pending."""
+        if not self._pending:
             return None
-        if not self._since:
-            self._since = now
-        if len(self.pending) >= BATCH_MAX:
+        if len(self._pending) >= BATCH_MAX:
             return 0.0
         return max(0.0, self._since + BATCH_S - now)
 
     def flush(self) -> int:
         """Hand what was appended over in one frame; how many could not be (counted)."""
-        if not self.pending:
+        if not self._pending:
             return 0
         assert self.sock is not None
-        pending, self.pending = self.pending, []
-        self._since = 0.0
+        pending, self._pending = self._pending, []
         try:
             self.sock.send(batch_frame(pending), zmq.NOBLOCK)
             return 0
