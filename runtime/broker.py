@@ -6,10 +6,11 @@ It does not use the blind ``zmq.proxy``: each message is decoded, its CURVE iden
 checked too (``XPUB_MANUAL``). Anything wrong is dropped and reported on
 ``sys.rejected`` (bad input) or ``sys.violation`` (ACL), never forwarded.
 
-The forwarding loop is plain blocking pyzmq in one thread: it is the hot path, and
-asyncio scheduling per message would halve its throughput. Its socket calls for each
-message (receive, forward) are in C (``runtime/_forward.c``), on the same sockets:
-pyzmq's wrappers cost more interpreter time per message than all the checks.
+The forwarding loop is one blocking thread, not asyncio: it is the hot path, and
+asyncio scheduling per message would halve its throughput. It polls with pyzmq; the
+socket calls for each message (receive, forward) are in C (``runtime/_forward.c``), on
+the same sockets, since pyzmq's wrappers cost more interpreter time per message than
+all the checks, which stay here.
 
 Slow subscribers: XPUB_NODROP stays off and each subscriber pipe has a send
 high-water mark of ``sndhwm`` messages; when a subscriber falls that far behind,
