@@ -100,9 +100,9 @@ def serve(sock: zmq.Socket[Any], writer: LogWriter) -> None:
         writer.close()
 
 
-def run_below_everything() -> str:
+def run_below_everything() -> None:
     """Put this process (and the threads it starts later) below every ordinary task:
-    logging may lag, forwarding may not. Returns the policy it got.
+    logging may lag, forwarding may not.
 
     ``SCHED_IDLE`` (Linux; no privilege needed to lower oneself): a task that wakes takes
     the core from us at once. A nice value is not enough: the kernel lets a running task
@@ -114,10 +114,8 @@ def run_below_everything() -> str:
     """
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        return "idle"
     except (AttributeError, OSError):  # not Linux, or a sandbox that forbids it
         os.nice(NICENESS)
-        return f"nice {NICENESS}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
