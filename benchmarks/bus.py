@@ -816,6 +816,8 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": wall_s,
         "machine": {
             "cpu_count": os.cpu_count(),
+            # what this run may use: fewer than cpu_count under taskset
+            "cpus_usable": len(os.sched_getaffinity(0)),
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(),
             "libzmq": zmq.zmq_version(),
@@ -835,7 +837,7 @@ def main(argv: list[str] | None = None) -> None:
         "latency_all_rounds": [[asdict(lat) for lat in one] for one in results.latency_rounds],
     }
     json_path = write_json("bus", result, quick=args.quick)
-    title = f"bus: direct vs broker ({os.cpu_count()} CPUs{', quick' if args.quick else ''})"
+    title = f"bus: direct vs broker ({len(os.sched_getaffinity(0))} CPUs{', quick' if args.quick else ''})"
     png_path = save_plot(plot(results, title), "bus", quick=args.quick)
     print(f"\nwrote {json_path} and {png_path} in {wall_s} s")
 

@@ -31,6 +31,11 @@ Run (from the repository root)::
 
     .venv/bin/python -m benchmarks.engine_throughput           # 256 tokens × 3 rounds
     .venv/bin/python -m benchmarks.engine_throughput --quick   # 64 tokens × 2 rounds
+    .venv/bin/python -m benchmarks.engine_throughput --device cuda
+
+``--device cuda`` runs both sides on the GPU in bf16 (the engine's CUDA default; the
+baseline's weights cast the same way), takes the bound from a device-to-device copy with
+torch, and writes ``engine_throughput_cuda.json`` and ``.png`` instead.
 
 ``--tokens`` scales the single-session length (the aggregate runs half as many per
 session). Writes ``benchmarks/results/engine_throughput.json`` and ``.png`` (``--quick``:
@@ -109,7 +114,7 @@ class Decode:
 
 
 @contextmanager
-def engine_process(threads: int) -> Iterator[tuple[DataDir, psutil.Process]]:
+def engine_process(threads: int, device: str) -> Iterator[tuple[DataDir, psutil.Process]]:
     """``python -m engine serve`` on a fresh data dir, until the block ends."""
     root = Path(tempfile.mkdtemp(prefix="chorus-bench-engine-"))
     data = DataDir(root)
@@ -119,7 +124,7 @@ def engine_process(threads: int) -> Iterator[tuple[DataDir, psutil.Process]]:
     log_path = root / "engine.log"
     with log_path.open("wb") as log_file:
         server = subprocess.Popen(
-            [sys.executable, "-m", "engine", "serve", "--data-dir", str(root), "--device", "cpu"],
+            [sys.executable, "-m", "engine", "serve", "--data-dir", str(root), "--device", device],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -202,8 +207,8 @@ async def engine_aggregate(
 # -- the baseline, in this process ------------------------------------------------------------
 
 
-def load_hf() -> LlamaForCausalLM:
-    """The same fp32 weights as a transformers model, from the converted cache directory."""
+def load_hf(device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    """The same weights as a transformers model, from the converted cache directory."""
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -211,7 +216,8 @@ def load_hf() -> LlamaForCausalLM:
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     directory = convert_gguf(default_model_path())  # returns the cached directory
-    hf: LlamaForCausalLM = LlamaForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    hf: LlamaForCausalLM = LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype)
+    hf.to(device)  # type: ignore[arg-type]
     hf.eval()  # type: ignore[no-untyped-call]
     return hf
 
@@ -235,7 +241,7 @@ def hf_decode(hf: LlamaForCausalLM, ids: list[int], new_tokens: int) -> Decode:
             pass
 
     stamps = Stamps()
-    prompt = torch.tensor([ids])
+    prompt = torch.tensor([ids], device=hf.device)
     with torch.inference_mode():
         hf.generate(
             prompt,
@@ -253,8 +259,11 @@ def hf_decode(hf: LlamaForCausalLM, ids: list[int], new_tokens: int) -> Decode:
 # -- the bound ---------------------------------------------------------------------------------
 
 
-def copy_bandwidth_gb_s(repeats: int = 5) -> float:
-    """Median GB/s (read + written) of copying a large array with numpy, one thread."""
+def copy_bandwidth_gb_s(device: str, repeats: int = 5) -> float:
+    """Median GB/s (read + written) of copying a large array: numpy on one CPU thread, or
+    torch device to device on a GPU."""
+    if device != "cpu":
+        return gpu_copy_bandwidth_gb_s(device, repeats)
     source = np.ones(COPY_MIB * 2**20 // 8)
     target = np.empty_like(source)
     np.copyto(target, source)  # fault both in before timing
@@ -263,6 +272,22 @@ def copy_bandwidth_gb_s(repeats: int = 5) -> float:
         t0 = time.perf_counter()
         np.copyto(target, source)
         rates.append(2 * source.nbytes / (time.perf_counter() - t0) / 1e9)
+    return float(np.median(rates))
+
+
+def gpu_copy_bandwidth_gb_s(device: str, repeats: int) -> float:
+    """Median GB/s (read + written) of a device-to-device copy of 1 GiB, timed with events."""
+    source = torch.ones(2**30 // 2, dtype=torch.bfloat16, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    rates = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        rates.append(2 * source.nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
     return float(np.median(rates))
 
 
@@ -382,7 +407,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, help="tokens per single run (default 256; quick 64)")
     parser.add_argument("--rounds", type=int, help="single-session rounds (default 3; quick 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides (1)")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run (cpu)"
+    )
     args = parser.parse_args(argv)
+    # the engine's own choice per device: exact fp32 on the CPU, bf16 on CUDA
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    name = "engine_throughput" if args.device == "cpu" else f"engine_throughput_{args.device}"
+    precision = "fp32" if args.device == "cpu" else "bf16"
     new_tokens = args.tokens or (64 if args.quick else 256)
     rounds = args.rounds or (2 if args.quick else 3)
     aggregate_rounds = 1 if args.quick else 2
@@ -390,12 +422,12 @@ def main(argv: list[str] | None = None) -> None:
     from engine.weights import load_model
 
     started = time.perf_counter()
-    model, tokenizer = load_model(device="cpu", dtype=torch.float32)
+    model, tokenizer = load_model(device=args.device, dtype=dtype)
     weights = weight_bytes(model)
     del model
-    hf = load_hf()
-    bandwidth = copy_bandwidth_gb_s()
-    with engine_process(args.threads) as (data, server):
+    hf = load_hf(args.device, dtype)
+    bandwidth = copy_bandwidth_gb_s(args.device)
+    with engine_process(args.threads, args.device) as (data, server):
         anyio.run(wait_ready, data)
         runs = anyio.run(measure, data, server, hf, tokenizer, new_tokens, rounds, aggregate_rounds)
     wall_s = round(time.perf_counter() - started, 1)
@@ -428,10 +460,12 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_tokens": runs["prompt_tokens"],
         "rounds": rounds,
         "aggregate_rounds": aggregate_rounds,
-        "model": "SmolLM2-135M-Instruct (fp32, CPU), greedy",
+        "model": f"SmolLM2-135M-Instruct ({precision}, {args.device.upper()}), greedy",
+        "device": args.device,
         "quick": args.quick,
         "wall_s": wall_s,
-        "machine": machine(args.threads),
+        "machine": machine(args.threads)
+        | ({"gpu": torch.cuda.get_device_name()} if args.device == "cuda" else {}),
         "runs": runs,
     }
     print(f"\n{'':<22}{'tok/s':>8}{'CPU ms/token':>14}")
@@ -447,9 +481,12 @@ def main(argv: list[str] | None = None) -> None:
         f"engine at {result['fraction_of_bound']:.0%} of the bandwidth bound; on CPU time "
         f"per token engine ÷ generate = {result['cpu_ratio']:.2f}"
     )
-    json_path = write_json("engine_throughput", result, quick=args.quick)
-    title = f"decode throughput ({'quick, ' if args.quick else ''}SmolLM2-135M fp32, {args.threads} thread(s))"
-    png_path = save_plot(plot(result, title), "engine_throughput", quick=args.quick)
+    json_path = write_json(name, result, quick=args.quick)
+    where = f"{args.threads} thread(s)" if args.device == "cpu" else torch.cuda.get_device_name()
+    title = (
+        f"decode throughput ({'quick, ' if args.quick else ''}SmolLM2-135M {precision}, {where})"
+    )
+    png_path = save_plot(plot(result, title), name, quick=args.quick)
     print(f"\nwrote {json_path} and {png_path} in {wall_s} s")
 
 
