@@ -44,7 +44,17 @@ def pct(v: float) -> str:
 
 def _bus(d: Figures) -> str:
     return (
-        f"ratio {d['ratio']:.2f}, p50 {d['p50_us'] / 1000:.2f} ms, p99 {d['p99_us'] / 1000:.2f} ms"
+        f"ratio {d['ratio']:.2f} sustained (flat out {d['flat_out_ratio']:.2f}, the broker path "
+        f"dropping {d['flat_out_broker_dropped_pct']:.0f}%), "
+        f"p50 {d['p50_us'] / 1000:.2f} ms, p99 {d['p99_us'] / 1000:.2f} ms"
+    )
+
+
+def _bus_quiet(d: Figures) -> str:
+    return (
+        f"p50 {d['p50_us'] / 1000:.2f} ms, p99 {d['p99_us'] / 1000:.2f} ms (direct "
+        f"{d['direct_p99_us'] / 1000:.2f}, C proxy {d['proxy_p99_us'] / 1000:.2f}) on "
+        f"{d['machine']['cpus_usable']} of {d['machine']['cpu_count']} CPUs"
     )
 
 
@@ -103,6 +113,13 @@ CLAIMS = [
         "ratio ≥ 0.4, p99 ≤ 2 ms",
         _bus,
         lambda d: f"ratio {yes(d['ratio'] >= 0.4)}, p99 {yes(d['p99_us'] <= 2000)}",
+    ),
+    Claim(
+        "bus_h100_2cpu",
+        "the same, on a quieter host (a lent GPU machine) held to 2 CPUs with `taskset`",
+        "p99 ≤ 2 ms",
+        _bus_quiet,
+        lambda d: f"p99 {yes(d['p99_us'] <= 2000)}",
     ),
     Claim(
         "log_query",
