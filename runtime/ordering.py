@@ -3,8 +3,9 @@
 ``user.out`` is best-effort: a broker killed mid-answer loses the chunk it held, and the
 narrator says the chunks of its last seconds again when the broker is back (so a reader
 also gets copies). :class:`InOrder` gives each stream's chunks by ``seq``, each once;
-a chunk after a gap is held for up to ``GAP_WAIT_S`` while the gap may still be filled,
-then what is held goes on without it.
+a chunk after a gap is held for up to ``GAP_WAIT_S`` from its arrival while the gap may
+still be filled, then it goes on without what is missing before it. A later gap gets its
+own wait, counted from the first chunk that arrived behind it.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ GAP_WAIT_S = 5.0  # a broker restart and the narrator's re-sending fit in this
 
 
 class InOrder:
-    """Per stream: the next ``seq`` due, and the later chunks held until it comes."""
+    """Per stream: the next ``seq`` due, and the later chunks held (with when each came)
+    until it comes. A stream's open gap is as old as the oldest chunk held behind it."""
 
     def __init__(self, gap_wait_s: float | None = None) -> None:
         self.gap_wait_s = GAP_WAIT_S if gap_wait_s is None else gap_wait_s
         self._due: dict[str, int] = {}
-        self._held: dict[str, dict[int, m.Chunk]] = {}
-        self._gap_since: dict[str, float] = {}
+        self._held: dict[str, dict[int, tuple[m.Chunk, float]]] = {}
 
     def offer(self, chunk: m.Chunk, now: float) -> list[m.Chunk]:
         """What can be given now that ``chunk`` came (nothing for a copy or while a gap
@@ -30,37 +31,40 @@ class InOrder:
         held = self._held.setdefault(chunk.stream, {})
         if chunk.seq < due or chunk.seq in held:
             return []  # a copy of one given or held
-        held[chunk.seq] = chunk
-        if chunk.seq > due:
-            self._gap_since.setdefault(chunk.stream, now)
-        return self._release(chunk.stream, skip_gap=False)
+        held[chunk.seq] = (chunk, now)
+        return self._release(chunk.stream, expired_before=None)
 
     def wait_s(self, now: float) -> float | None:
         """How long until a gap is given up on (None: none is open)."""
-        if not self._gap_since:
-            return None
-        return max(0.0, min(self._gap_since.values()) + self.gap_wait_s - now)
+        opened = [since for held in self._held.values() if (since := _oldest(held)) is not None]
+        return max(0.0, min(opened) + self.gap_wait_s - now) if opened else None
 
     def expire(self, now: float) -> list[m.Chunk]:
-        """The held chunks of every stream whose gap has waited long enough, gap skipped."""
+        """Every stream's held chunks that waited long enough, with what came in order
+        after them; the gaps before them skipped, a later gap still waiting its turn."""
         out: list[m.Chunk] = []
-        for stream, since in list(self._gap_since.items()):
-            if now - since >= self.gap_wait_s:
-                out += self._release(stream, skip_gap=True)
+        for stream in list(self._held):
+            out += self._release(stream, expired_before=now - self.gap_wait_s)
         return out
 
-    def _release(self, stream: str, skip_gap: bool) -> list[m.Chunk]:
+    def _release(self, stream: str, expired_before: float | None) -> list[m.Chunk]:
+        """The chunks due in order; a gap is skipped while the oldest chunk held behind
+        it came at or before ``expired_before`` (None: no gap is skipped)."""
         held = self._held[stream]
         due = self._due.get(stream, 0)
         out: list[m.Chunk] = []
         while held:
             if due not in held:
-                if not skip_gap:
+                oldest = _oldest(held)
+                if expired_before is None or oldest is None or oldest > expired_before:
                     break
                 due = min(held)  # given up on what is missing before it
-            out.append(held.pop(due))
+            out.append(held.pop(due)[0])
             due += 1
         self._due[stream] = due
-        if not held:
-            self._gap_since.pop(stream, None)
         return out
+
+
+def _oldest(held: dict[int, tuple[m.Chunk, float]]) -> float | None:
+    """When the oldest of ``held`` came (None: nothing is held)."""
+    return min((since for _, since in held.values()), default=None)

@@ -40,9 +40,30 @@ def test_a_gap_never_filled_is_given_up_on_after_the_wait() -> None:
     order.offer(_c(0), now=0)
     assert order.offer(_c(2), now=1) == [] and order.offer(_c(4), now=2) == []
     assert order.expire(now=5.9) == []
-    assert _seqs(order.expire(now=6)) == [2, 4]  # every gap of the stream skipped
-    assert order.offer(_c(1), now=7) == [] and order.offer(_c(3), now=7) == []  # too late
+    assert _seqs(order.expire(now=6)) == [2]  # 2 waited 5 s; 3 has been missing since 4 came
+    assert order.wait_s(now=6) == 1
+    assert order.offer(_c(1), now=6.5) == []  # too late
+    assert _seqs(order.expire(now=7)) == [4]
+    assert order.offer(_c(3), now=7) == []  # too late
     assert _seqs(order.offer(_c(5), now=7)) == [5]
+    assert order.wait_s(now=7) is None
+
+
+def test_a_later_gap_waits_from_when_it_was_seen_not_from_an_earlier_one() -> None:
+    order = InOrder(gap_wait_s=5)
+    assert order.offer(_c(1), now=0) == []  # 0 missing since 0
+    assert order.offer(_c(3), now=4) == []  # 2 missing since 4
+    assert _seqs(order.offer(_c(0), now=4.5)) == [0, 1]  # the first gap filled
+    assert order.wait_s(now=4.5) == 4.5
+    assert order.expire(now=8.9) == []
+    assert _seqs(order.offer(_c(2), now=8.9)) == [2, 3]  # in time for its own wait
+
+
+def test_chunks_held_long_enough_go_on_across_several_gaps() -> None:
+    order = InOrder(gap_wait_s=5)
+    assert order.offer(_c(4), now=0) == [] and order.offer(_c(2), now=3) == []
+    # 4 has waited 5 s: the gaps before it go (0-1, then 3), and both held chunks with them
+    assert _seqs(order.expire(now=5)) == [2, 4]
 
 
 async def test_chat_gives_each_chunk_once_in_order_across_copies_and_gaps(
