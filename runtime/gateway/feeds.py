@@ -36,6 +36,7 @@ from .. import messages as m
 from ..bus import Subscription
 from ..embed import Connection
 from ..errors import ChorusError
+from ..ordering import GAP_WAIT_S
 from . import models as api
 from .tails import HeldConversation, Tails
 
@@ -363,11 +364,16 @@ async def follow_tail(
     emit: Emit,
     *,
     timeout_s: float,
+    gap_wait_s: float | None = None,
 ) -> None:
     """Emit what is left of the turn that ``stream`` answers, from its chunk after
     ``after`` (``stream`` None: the conversation's latest turn from its start), then
     follow the turn live until it closes, is interrupted, or says nothing for
-    ``timeout_s``. The events are those of :func:`follow_turn`."""
+    ``timeout_s``. The events are those of :func:`follow_turn`, and in the same order:
+    each stream's chunks by ``seq``, a chunk after a gap held for up to ``gap_wait_s``
+    (default :data:`~runtime.ordering.GAP_WAIT_S`, from when this reader first saw the
+    gap) while a late chunk may fill it, then given without what is missing."""
+    gap_wait = GAP_WAIT_S if gap_wait_s is None else gap_wait_s
     first = held.find(stream) if stream is not None else None
     if first is None:
         turn = held.turn_of_latest() or ""
@@ -380,12 +386,20 @@ async def follow_tail(
         said[earlier.stream] = math.inf  # the client had these before the one it names
     said[first.stream] = after
     last_stream = first.stream
+    gap_since: dict[str, float] = {}  # per stream: since when its next seq is missing
     with anyio.move_on_after(timeout_s) as quiet:
         while True:
+            seen = held.version
             for one in held.of_turn(turn):
-                for chunk in one.chunks:
-                    if chunk.seq <= said.get(one.stream, -1):
+                for chunk in list(one.chunks):  # emitting yields: chunks may come meanwhile
+                    done = said.get(one.stream, -1)
+                    if chunk.seq <= done:
                         continue
+                    if chunk.seq > done + 1:  # a gap before it
+                        since = gap_since.setdefault(one.stream, anyio.current_time())
+                        if anyio.current_time() - since < gap_wait:
+                            break
+                    gap_since.pop(one.stream, None)
                     said[one.stream], last_stream = chunk.seq, one.stream
                     events, ends = chunk_events(conversation, chunk)
                     for event in events:
@@ -397,7 +411,12 @@ async def follow_tail(
                 interrupted = api.InterruptedEvent(conversation=conversation, stream=last_stream)
                 await emit(sse("interrupted", interrupted))
                 return
-            await held.changed()
+            if held.version != seen:
+                continue  # chunks came while this was emitting: read them before waiting
+            gap_ends = [since + gap_wait for since in gap_since.values()]
+            wake = min(gap_ends) - anyio.current_time() if gap_ends else math.inf
+            with anyio.move_on_after(max(0.0, wake)):
+                await held.changed()
     error = f"nothing more of this answer within {timeout_s:g} s; it may still come later"
     await emit(sse("error", api.ErrorEvent(error=error)))
 

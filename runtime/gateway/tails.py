@@ -37,6 +37,7 @@ class HeldConversation:
     first; :meth:`changed` wakes whoever follows it."""
 
     streams: list[HeldStream] = field(default_factory=list)
+    version: int = 0  # counts the chunks added: a reader compares it to see it missed none
     _changed: anyio.Event | None = None
 
     def find(self, stream: str) -> HeldStream | None:
@@ -60,6 +61,7 @@ class HeldConversation:
         await self._changed.wait()
 
     def _notify(self) -> None:
+        self.version += 1
         if self._changed is not None:
             self._changed.set()
             self._changed = None

@@ -1,12 +1,19 @@
 """The gateway's parts that need no server: the token file, the rate limit, the feed's
-prefixes, the models against the Structs they mirror, and the docs against the routes."""
+prefixes, the models against the Structs they mirror, the docs against the routes, and
+the tail of an answer read from the held streams."""
 
 from __future__ import annotations
 
+import json
 import re
 import stat
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -17,7 +24,8 @@ from runtime.gateway import GatewayConfig, create_app, load_or_create_token
 from runtime.gateway import models as api
 from runtime.gateway.app import is_loopback
 from runtime.gateway.auth import RateLimiter, parse_rate, token_matches
-from runtime.gateway.feeds import feed_prefixes
+from runtime.gateway.feeds import feed_prefixes, follow_tail
+from runtime.gateway.tails import Tails
 from runtime.paths import DataDir
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "http-api.md"
@@ -178,3 +186,75 @@ def test_a_late_chunk_fills_its_gap_and_a_copy_is_held_once() -> None:
     held = tails.get("c1")
     assert held is not None and [c.seq for c in held.streams[0].chunks] == [0, 1, 2, 3, 4]
     assert tails.held == 5
+
+
+async def _tail_of(tails: Tails, feed: Callable[[], Awaitable[None]], **wait: float) -> list[str]:
+    """What ``follow_tail`` emits for conversation c1's latest turn while ``feed`` adds
+    chunks: each event's name, and a chunk's delta after a colon."""
+    held = tails.get("c1")
+    assert held is not None
+    events: list[str] = []
+
+    async def emit(event: bytes) -> None:
+        name, data = event.decode().split("\n")[:2]
+        body = json.loads(data.removeprefix("data: "))
+        events.append(
+            name.removeprefix("event: ") + (f":{body['delta']}" if "delta" in body else "")
+        )
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(follow_tail, held, "c1", None, -1, emit, timeout_s=5, **wait))
+            await feed()
+    return events
+
+
+def _say(tails: Tails, seq: int, stream: str = "s", **end: Any) -> None:
+    tails.add("c1", m.Chunk(stream=stream, seq=seq, delta=f"<{seq}>", turn="t", **end))
+
+
+CLOSE = {"final": True, "finish": "done", "closes_turn": True}
+
+
+async def test_the_tail_holds_a_chunk_after_a_gap_until_the_late_one_fills_it() -> None:
+    tails = Tails()
+    _say(tails, 0)
+
+    async def feed() -> None:
+        await anyio.sleep(0.05)
+        _say(tails, 2)
+        await anyio.sleep(0.1)  # the reader sees 2 with 1 missing: it waits
+        _say(tails, 1)  # late, as after a broker restart
+        _say(tails, 3, **CLOSE)
+
+    events = await _tail_of(tails, feed)
+    assert events == ["chunk:<0>", "chunk:<1>", "chunk:<2>", "chunk:<3>", "final"]
+
+
+async def test_the_tail_goes_on_without_a_chunk_that_never_comes() -> None:
+    tails = Tails()
+    _say(tails, 0)
+
+    async def feed() -> None:
+        _say(tails, 2, **CLOSE)  # 1 is lost for good
+
+    events = await _tail_of(tails, feed, gap_wait_s=0.3)
+    assert events == ["chunk:<0>", "chunk:<2>", "final"]
+
+
+async def test_the_tail_reads_what_came_while_it_was_emitting() -> None:
+    tails = Tails()
+    _say(tails, 0)
+    held = tails.get("c1")
+    assert held is not None
+    events: list[str] = []
+
+    async def emit(event: bytes) -> None:
+        events.append(event.decode().split("\n")[0])
+        if len(events) == 1:  # the answer's stream starts, and ends, during this emit
+            _say(tails, 0, stream="answer", **CLOSE)
+        await anyio.lowlevel.checkpoint()
+
+    with anyio.fail_after(3):  # before, the reader waited for a next chunk that never came
+        await follow_tail(held, "c1", None, -1, emit, timeout_s=30)
+    assert events == ["event: chunk", "event: chunk", "event: final"]
