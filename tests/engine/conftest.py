@@ -1,4 +1,5 @@
-"""Engine fixtures: tiny random Llama models (milliseconds), a tiny tokenizer, the real model."""
+"""Engine fixtures: tiny random Llama-family models (milliseconds), a tiny tokenizer, the
+real model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from typing import Any
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from engine import Model, ModelArgs, load_model
 from engine.server import EngineConfig, EngineServer
@@ -25,31 +34,46 @@ CORPUS = [
 ]
 
 
+TINY: dict[str, Any] = {  # 2 layers, grouped-query: a forward takes about a millisecond
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-5,
+}
+
+
 def tiny_config(**overrides: Any) -> LlamaConfig:
     """A 2-layer GQA Llama small enough to run a forward in about a millisecond."""
-    settings: dict[str, Any] = {
-        "vocab_size": 128,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "rms_norm_eps": 1e-5,
-    }
-    return LlamaConfig(**(settings | overrides))
+    return LlamaConfig(**(TINY | overrides))
 
 
-def tiny_pair(seed: int = 0, **overrides: Any) -> tuple[LlamaForCausalLM, Model]:
+# the other members of the family, as transformers builds them (Qwen2: biased q/k/v)
+FAMILIES: dict[str, tuple[type[Any], type[Any]]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def tiny_pair(
+    seed: int = 0, family: str = "llama", **overrides: Any
+) -> tuple[LlamaForCausalLM, Model]:
     """The same random weights as a transformers model (the reference) and as ours."""
     torch.manual_seed(seed)
-    hf = LlamaForCausalLM(tiny_config(**overrides)).eval()
-    with torch.no_grad():  # transformers' init leaves norms at 1: randomise them too
+    config_class, model_class = FAMILIES[family]
+    hf = model_class(config_class(**(TINY | overrides))).eval()
+    with torch.no_grad():  # transformers' init leaves norms at 1, biases at 0: randomise them
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
     return hf, Model(ModelArgs.from_config(hf.config.to_dict()), hf.state_dict(), device="cpu")
 
 

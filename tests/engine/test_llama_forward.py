@@ -139,6 +139,22 @@ def test_parity_with_transformers_across_llama_variants(overrides: dict[str, Any
         assert model.lm_head.data_ptr() != model.embed.data_ptr()
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_the_rest_of_the_family_matches_transformers_dense_and_streaming(family: str) -> None:
+    """Mistral and Qwen2 (q/k/v biases) through the same forward: dense logits equal
+    transformers', and across evictions equal the brute-force StreamingLLM reference."""
+    hf, model = tiny_pair(seed=5, family=family, tie_word_embeddings=family == "qwen2")
+    assert type(hf).__name__.lower().startswith(family)
+    if family == "qwen2":
+        assert model.layers[0].bqkv is not None and model.layers[0].bo is None
+    tokens = torch.randint(0, 128, (60,), generator=torch.Generator().manual_seed(4))
+    assert max_diff(model.prefill(tokens, model.new_cache()), dense_logits(hf, tokens)) <= TOLERANCE
+    reference = NaiveStream(hf, sink=4, window=16)
+    expected = torch.stack([reference.step(int(t)) for t in tokens])
+    ours = run(model, model.new_cache(sink=4, window=16), tokens, [7, 30, 23])
+    assert max_diff(ours, expected) <= TOLERANCE
+
+
 @pytest.mark.parametrize("sink", [4, 1, 0])
 @pytest.mark.parametrize(
     "chunks",

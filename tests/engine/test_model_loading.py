@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFWriter
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from engine import Model, ModelLoadError, load_model
 from engine import weights as weights_module
-from tests.engine.conftest import tiny_config, tiny_pair
+from tests.engine.conftest import TINY, tiny_config, tiny_pair
 
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
 
@@ -40,7 +40,8 @@ def permute(w: torch.Tensor, heads: int) -> np.ndarray:
 def write_gguf(
     path: Path, hf: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, arch: str = "llama"
 ) -> Path:
-    """A tiny fp32 GGUF file, laid out as llama.cpp's converter writes one."""
+    """A tiny fp32 GGUF file, laid out as llama.cpp's converter writes one (for llama,
+    q and k rows permuted; for qwen2, not, and the q/k/v biases as their own tensors)."""
     cfg = hf.config
     writer = GGUFWriter(path, arch)
     writer.add_name("tiny-test-llama")
@@ -78,10 +79,17 @@ def write_gguf(
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
-        writer.add_tensor(f"blk.{i}.attn_q.weight", permute(q, cfg.num_attention_heads))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", permute(k, cfg.num_key_value_heads))
+        if arch == "llama":
+            writer.add_tensor(f"blk.{i}.attn_q.weight", permute(q, cfg.num_attention_heads))
+            writer.add_tensor(f"blk.{i}.attn_k.weight", permute(k, cfg.num_key_value_heads))
+        else:
+            writer.add_tensor(f"blk.{i}.attn_q.weight", q.numpy())
+            writer.add_tensor(f"blk.{i}.attn_k.weight", k.numpy())
         for short, long in names.items():
             writer.add_tensor(f"blk.{i}.{short}.weight", sd[p + long + ".weight"].numpy())
+        for short in "qkv":
+            if (bias := p + f"self_attn.{short}_proj.bias") in sd:
+                writer.add_tensor(f"blk.{i}.attn_{short}.bias", sd[bias].numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -116,6 +124,18 @@ def test_gguf_round_trip_matches_the_original_weights(
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
         f.name for f in converted.iterdir()
     }
+
+
+def test_a_qwen2_gguf_converts_and_matches_the_original(
+    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Qwen2's GGUF layout (unpermuted q/k, separate q/k/v biases) converts as well."""
+    hf, original = tiny_pair(seed=12, family="qwen2", vocab_size=len(tiny_tokenizer))
+    path = write_gguf(tmp_path / "tiny-qwen2.gguf", hf, tiny_tokenizer, arch="qwen2")
+    model, tokenizer = load_model(path, device="cpu")
+    assert model.layers[0].bqkv is not None
+    tokens = tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    assert float((logits(model, tokens) - logits(original, tokens)).abs().max()) <= 1e-4
 
 
 def test_conversion_is_cached_and_reused(
@@ -187,7 +207,16 @@ def test_missing_path_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "setup",
-    ["not-gguf", "garbage-gguf", "empty-dir", "no-weights", "gpt2-dir", "gpt2-gguf", "gelu"],
+    [
+        "not-gguf",
+        "garbage-gguf",
+        "empty-dir",
+        "no-weights",
+        "gpt2-dir",
+        "gpt2-gguf",
+        "gelu",
+        "qwen2-sliding-window",
+    ],
 )
 def test_unsupported_inputs_raise_model_load_error(
     setup: str, tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast
@@ -216,11 +245,15 @@ def test_unsupported_inputs_raise_model_load_error(
             target = write_gguf(tmp_path / "gpt2.gguf", hf, tiny_tokenizer, arch="gpt2")
         case "gelu":
             LlamaForCausalLM(tiny_config(hidden_act="gelu")).save_pretrained(target)
+        case "qwen2-sliding-window":
+            config = Qwen2Config(**(TINY | {"use_sliding_window": True, "sliding_window": 16}))
+            Qwen2ForCausalLM(config).save_pretrained(target)
     with pytest.raises(ModelLoadError) as caught:
         load_model(target, device="cpu")
     message = str(caught.value)
     assert "\n" not in message
-    assert any(word in message for word in ("LlamaForCausalLM", "silu", "safetensors", "gguf"))
+    words = ("LlamaForCausalLM", "silu", "safetensors", "gguf", "window")
+    assert any(word in message for word in words)
 
 
 def test_missing_default_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
