@@ -1,7 +1,8 @@
 """A compact Llama-family forward over StreamingLLM caches (gpt-fast style).
 
-The family: Llama (1-3.x), Mistral and Qwen2 share this block (RMSNorm, RoPE, grouped
-query attention, SwiGLU); Qwen2 adds biases on q/k/v, which the fused projection takes.
+The family: Llama (1-3.x), Mistral, Qwen2 and Qwen3 share this block (RMSNorm, RoPE,
+grouped query attention, SwiGLU); Qwen2 adds biases on q/k/v, which the fused projection
+takes, and Qwen3 an RMSNorm over each query and key head before RoPE.
 
 Two stages: `prefill` appends a prompt to one session, `decode` appends one token to
 each of B sessions at once. Linear layers run batched over the sessions; attention runs
@@ -22,8 +23,13 @@ import torch.nn.functional as F
 from engine.cache import SinkCache
 from engine.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_KEYS = {  # rope types we implement, and the parameters each needs
     "default": (),
     "linear": ("factor",),
@@ -61,7 +67,7 @@ class ModelArgs:
                 f"unsupported architecture {found}: "
                 f"supported are {', '.join(SUPPORTED_ARCHITECTURES)} (HF directory or GGUF)"
             )
-        if config.get("use_sliding_window"):  # Qwen2's own windowed layers
+        if config.get("use_sliding_window"):  # Qwen2's and Qwen3's own windowed layers
             raise ModelLoadError(
                 "unsupported use_sliding_window: true: the cache's window is the only one here"
             )
@@ -130,7 +136,7 @@ def normalize(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     """Llama's RMSNorm without its weight and its sqrt(dim), both folded into the matmul
     that follows (see `Model`): x / sqrt(|x|^2 + dim * eps), in fp32 like transformers.
 
-    x: [N, dim]; floor: sqrt(dim * eps), 0-dim. Three small ops instead of RMSNorm's six:
+    x: [..., dim] (Qwen3's head norms pass [N, H, D]); floor: sqrt(dim * eps), 0-dim. Three small ops instead of RMSNorm's six:
     a decode step normalises 61 times, and at one row per call the op count is the cost.
     """
     x32 = x.float()
@@ -200,10 +206,12 @@ class Layer:
     """One transformer block's weights, transposed to [in, out] (see `linear`), with
     q/k/v and gate/up fused for fewer matmuls, and each RMSNorm's weight (times sqrt(dim))
     folded into the rows of the matmul it feeds: (x / rms(x) * w) @ W = (x / rms(x)) @ (w W).
-    The query columns also carry attention's 1/sqrt(D)."""
+    The query columns also carry attention's 1/sqrt(D), or, where q and k heads are
+    normalised (Qwen3), ``qk_norm``'s query rows do."""
 
     wqkv: torch.Tensor  # [dim, (Hq + 2 Hkv) * D]
     bqkv: torch.Tensor | None
+    qk_norm: torch.Tensor | None  # [Hq + Hkv, D]: each head's RMSNorm weight (Qwen3)
     wo: torch.Tensor  # [Hq * D, dim]
     bo: torch.Tensor | None
     w_gate_up: torch.Tensor  # [dim, 2 * hidden]
@@ -267,6 +275,18 @@ class Model:
         q_scale[:q_cols] = args.head_dim**-0.5
         q_scale = q_scale.to(self.device)
         self.norm_floor = torch.tensor((args.dim * args.norm_eps) ** 0.5, device=self.device)
+        self.head_floor = torch.tensor((args.head_dim * args.norm_eps) ** 0.5, device=self.device)
+
+        def head_norms(p: str) -> torch.Tensor | None:
+            """Qwen3's q_norm and k_norm as one [Hq + Hkv, D] weight for `normalize`'s
+            output: times sqrt(D) (RMSNorm's, as for the other norms); on the query
+            rows that cancels attention's 1/sqrt(D)."""
+            if p + "q_norm.weight" not in state:
+                return None
+            q = take(p + "q_norm.weight").expand(args.n_heads, -1)
+            k = take(p + "k_norm.weight").expand(args.n_kv_heads, -1) * args.head_dim**0.5
+            return place(torch.cat([q, k]))
+
         self.embed = place(take("model.embed_tokens.weight"))  # [V, dim]
         tied = args.tie_embeddings or "lm_head.weight" not in state
         # tied or not, the head is its own [dim, V] copy: the layout `linear` reads fastest
@@ -280,10 +300,13 @@ class Model:
                 [p + "mlp.gate_proj", p + "mlp.up_proj"],
             )
             wqkv = take_t([n + ".weight" for n in attn], norm=p + "input_layernorm.weight")
+            qk_norm = head_norms(p + "self_attn.")
+            scale = q_scale if qk_norm is None else None  # a normalised head ignores scale
             self.layers.append(
                 Layer(
-                    wqkv=place(wqkv * q_scale),
-                    bqkv=fuse([n + ".bias" for n in attn], q_scale),
+                    wqkv=place(wqkv if scale is None else wqkv * scale),
+                    bqkv=fuse([n + ".bias" for n in attn], scale),
+                    qk_norm=qk_norm,
                     wo=place(take_t([p + "self_attn.o_proj.weight"])),
                     bo=fuse([p + "self_attn.o_proj.bias"]),
                     w_gate_up=place(
@@ -333,10 +356,11 @@ class Model:
         qkv = linear(normalize(x, self.norm_floor), layer.wqkv, layer.bqkv)
         qk_cols = (a.n_heads + a.n_kv_heads) * a.head_dim
         qk = qkv[:, :qk_cols].view(n, -1, a.head_dim)  # [N, Hq + Hkv, D]
+        if layer.qk_norm is not None:
+            qk = normalize(qk, self.head_floor) * layer.qk_norm
         turned = qk.roll(a.head_dim // 2, -1)
+        q_sink = rotate(qk[:, : a.n_heads], cos_m, sin_m, turned[:, : a.n_heads])
         qk = rotate(qk, cos, sin, turned)
-        q = qkv[:, : a.n_heads * a.head_dim].view(n, a.n_heads, a.head_dim)
-        q_sink = rotate(q, cos_m, sin_m, turned[:, : a.n_heads])
         v = qkv[:, qk_cols:].view(n, a.n_kv_heads, a.head_dim)
         return qk[:, : a.n_heads], q_sink, qk[:, a.n_heads :], v
 

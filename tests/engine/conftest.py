@@ -19,6 +19,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from engine import Model, ModelArgs, load_model
@@ -53,11 +55,13 @@ def tiny_config(**overrides: Any) -> LlamaConfig:
     return LlamaConfig(**(TINY | overrides))
 
 
-# the other members of the family, as transformers builds them (Qwen2: biased q/k/v)
+# the other members of the family, as transformers builds them (Qwen2: biased q/k/v;
+# Qwen3: q and k heads normalised)
 FAMILIES: dict[str, tuple[type[Any], type[Any]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
 }
 
 

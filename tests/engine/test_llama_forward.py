@@ -38,7 +38,7 @@ class NaiveStream:
         """Append one token; return its next-token logits [V]."""
         cfg, model = self.hf.config, self.hf.model
         heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        dim = cfg.hidden_size // heads
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         now = len(self.keys[0])  # stream index of this token
         kept = torch.tensor([t < self.sink or t > now - self.window for t in range(now + 1)])
         position = (kept.cumsum(0) - 1)[None]  # [1, n] rank among kept tokens = in-cache position
@@ -46,8 +46,12 @@ class NaiveStream:
         for i, layer in enumerate(model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(1, 1, heads, dim).transpose(1, 2)  # [1, H, 1, D]
-            self.keys[i].append(attn.k_proj(h).view(kv_heads, dim))
+            q = attn.q_proj(h).view(1, 1, heads, dim)
+            key = attn.k_proj(h).view(kv_heads, dim)
+            if hasattr(attn, "q_norm"):  # Qwen3: each head normalised before RoPE
+                q, key = attn.q_norm(q), attn.k_norm(key)
+            q = q.transpose(1, 2)  # [1, H, 1, D]
+            self.keys[i].append(key)
             self.values[i].append(attn.v_proj(h).view(kv_heads, dim))
             k = torch.stack(self.keys[i], dim=1)[None]  # [1, Hkv, n, D], un-rotated
             v = torch.stack(self.values[i], dim=1)[None]
@@ -139,14 +143,17 @@ def test_parity_with_transformers_across_llama_variants(overrides: dict[str, Any
         assert model.lm_head.data_ptr() != model.embed.data_ptr()
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
 def test_the_rest_of_the_family_matches_transformers_dense_and_streaming(family: str) -> None:
-    """Mistral and Qwen2 (q/k/v biases) through the same forward: dense logits equal
-    transformers', and across evictions equal the brute-force StreamingLLM reference."""
-    hf, model = tiny_pair(seed=5, family=family, tie_word_embeddings=family == "qwen2")
+    """Mistral, Qwen2 (q/k/v biases) and Qwen3 (q/k head norms; its own head_dim) through
+    the same forward: dense logits equal transformers', and across evictions equal the
+    brute-force StreamingLLM reference."""
+    extra = {"head_dim": 32} if family == "qwen3" else {}
+    hf, model = tiny_pair(seed=5, family=family, tie_word_embeddings=family == "qwen2", **extra)
     assert type(hf).__name__.lower().startswith(family)
-    if family == "qwen2":
-        assert model.layers[0].bqkv is not None and model.layers[0].bo is None
+    layer = model.layers[0]
+    assert (layer.bqkv is not None) == (family == "qwen2") and layer.bo is None
+    assert (layer.qk_norm is not None) == (family == "qwen3")
     tokens = torch.randint(0, 128, (60,), generator=torch.Generator().manual_seed(4))
     assert max_diff(model.prefill(tokens, model.new_cache()), dense_logits(hf, tokens)) <= TOLERANCE
     reference = NaiveStream(hf, sink=4, window=16)

@@ -41,7 +41,8 @@ def write_gguf(
     path: Path, hf: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, arch: str = "llama"
 ) -> Path:
     """A tiny fp32 GGUF file, laid out as llama.cpp's converter writes one (for llama,
-    q and k rows permuted; for qwen2, not, and the q/k/v biases as their own tensors)."""
+    q and k rows permuted; for qwen2 and qwen3, not, with q/k/v biases and q/k head norms
+    as their own tensors)."""
     cfg = hf.config
     writer = GGUFWriter(path, arch)
     writer.add_name("tiny-test-llama")
@@ -53,6 +54,9 @@ def write_gguf(
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if arch == "qwen3":  # its head_dim is its own, not hidden_size / heads
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
     writer.add_vocab_size(cfg.vocab_size)
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
@@ -90,6 +94,8 @@ def write_gguf(
         for short in "qkv":
             if (bias := p + f"self_attn.{short}_proj.bias") in sd:
                 writer.add_tensor(f"blk.{i}.attn_{short}.bias", sd[bias].numpy())
+            if (norm := p + f"self_attn.{short}_norm.weight") in sd:
+                writer.add_tensor(f"blk.{i}.attn_{short}_norm.weight", sd[norm].numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -126,14 +132,18 @@ def test_gguf_round_trip_matches_the_original_weights(
     }
 
 
-def test_a_qwen2_gguf_converts_and_matches_the_original(
-    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_a_qwen_gguf_converts_and_matches_the_original(
+    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast, family: str
 ) -> None:
-    """Qwen2's GGUF layout (unpermuted q/k, separate q/k/v biases) converts as well."""
-    hf, original = tiny_pair(seed=12, family="qwen2", vocab_size=len(tiny_tokenizer))
-    path = write_gguf(tmp_path / "tiny-qwen2.gguf", hf, tiny_tokenizer, arch="qwen2")
+    """Qwen's GGUF layouts (unpermuted q/k; Qwen2's q/k/v biases, Qwen3's head norms and
+    own head_dim) convert as well."""
+    extra = {"head_dim": 32} if family == "qwen3" else {}
+    hf, original = tiny_pair(seed=12, family=family, vocab_size=len(tiny_tokenizer), **extra)
+    path = write_gguf(tmp_path / f"tiny-{family}.gguf", hf, tiny_tokenizer, arch=family)
     model, tokenizer = load_model(path, device="cpu")
-    assert model.layers[0].bqkv is not None
+    layer = model.layers[0]
+    assert layer.bqkv is not None if family == "qwen2" else layer.qk_norm is not None
     tokens = tokenizer.encode("The quick brown fox jumps over the lazy dog.")
     assert float((logits(model, tokens) - logits(original, tokens)).abs().max()) <= 1e-4
 
