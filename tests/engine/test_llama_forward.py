@@ -158,8 +158,9 @@ def test_the_rest_of_the_family_matches_transformers_dense_and_streaming(family:
     assert max_diff(model.prefill(tokens, model.new_cache()), dense_logits(hf, tokens)) <= TOLERANCE
     reference = NaiveStream(hf, sink=4, window=16)
     expected = torch.stack([reference.step(int(t)) for t in tokens])
-    ours = run(model, model.new_cache(sink=4, window=16), tokens, [7, 30, 23])
-    assert max_diff(ours, expected) <= TOLERANCE
+    for chunks in ([7, 30, 23], None):  # prefill in chunks, then decode one by one
+        ours = run(model, model.new_cache(sink=4, window=16), tokens, chunks)
+        assert max_diff(ours, expected) <= TOLERANCE
 
 
 @pytest.mark.parametrize("sink", [4, 1, 0])
