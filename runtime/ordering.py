@@ -24,6 +24,11 @@ class InOrder:
         self._due: dict[str, int] = {}
         self._held: dict[str, dict[int, tuple[m.Chunk, float]]] = {}
 
+    def resume(self, stream: str, after: int) -> None:
+        """The reader already has ``stream``'s chunks up to seq ``after``: give what
+        follows it (a tail read from the middle of an answer)."""
+        self._due[stream] = after + 1
+
     def offer(self, chunk: m.Chunk, now: float) -> list[m.Chunk]:
         """What can be given now that ``chunk`` came (nothing for a copy or while a gap
         before it is open)."""

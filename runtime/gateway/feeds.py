@@ -36,7 +36,7 @@ from .. import messages as m
 from ..bus import Subscription
 from ..embed import Connection
 from ..errors import ChorusError
-from ..ordering import GAP_WAIT_S
+from ..ordering import InOrder
 from . import models as api
 from .tails import HeldConversation, Tails
 
@@ -369,53 +369,50 @@ async def follow_tail(
     """Emit what is left of the turn that ``stream`` answers, from its chunk after
     ``after`` (``stream`` None: the conversation's latest turn from its start), then
     follow the turn live until it closes, is interrupted, or says nothing for
-    ``timeout_s``. The events are those of :func:`follow_turn`, and in the same order:
-    each stream's chunks by ``seq``, a chunk after a gap held for up to ``gap_wait_s``
-    (default :data:`~runtime.ordering.GAP_WAIT_S`, from when this reader first saw the
-    gap) while a late chunk may fill it, then given without what is missing."""
-    gap_wait = GAP_WAIT_S if gap_wait_s is None else gap_wait_s
+    ``timeout_s``. The events are those of :func:`follow_turn`, in the same order
+    (:class:`~runtime.ordering.InOrder`, as ``Connection.chat``): each stream's chunks by
+    ``seq``, a chunk after a gap held for up to ``gap_wait_s`` from when this reader first
+    saw it while a late chunk may fill the gap, then given without what is missing."""
     first = held.find(stream) if stream is not None else None
     if first is None:
         turn = held.turn_of_latest() or ""
         first, after = held.of_turn(turn)[0], -1
     turn = first.turn
-    said: dict[str, float] = {}  # per stream: the last seq emitted (or seen before)
+    had: set[str] = set()  # the streams the client had whole, before the one it names
     for earlier in held.of_turn(turn):
         if earlier is first:
             break
-        said[earlier.stream] = math.inf  # the client had these before the one it names
-    said[first.stream] = after
+        had.add(earlier.stream)
+    order = InOrder(gap_wait_s)
+    order.resume(first.stream, after)
     last_stream = first.stream
-    gap_since: dict[str, float] = {}  # per stream: since when its next seq is missing
     with anyio.move_on_after(timeout_s) as quiet:
         while True:
             seen = held.version
-            for one in held.of_turn(turn):
-                for chunk in list(one.chunks):  # emitting yields: chunks may come meanwhile
-                    done = said.get(one.stream, -1)
-                    if chunk.seq <= done:
-                        continue
-                    if chunk.seq > done + 1:  # a gap before it
-                        since = gap_since.setdefault(one.stream, anyio.current_time())
-                        if anyio.current_time() - since < gap_wait:
-                            break
-                    gap_since.pop(one.stream, None)
-                    said[one.stream], last_stream = chunk.seq, one.stream
-                    events, ends = chunk_events(conversation, chunk)
-                    for event in events:
-                        await emit(event)
-                    if ends:
-                        return
-                    quiet.deadline = anyio.current_time() + timeout_s
+            now = anyio.current_time()
+            ready = [
+                given
+                for one in held.of_turn(turn)
+                if one.stream not in had
+                for chunk in one.chunks  # what was given or is held comes back as nothing
+                for given in order.offer(chunk, now)
+            ]
+            for chunk in ready + order.expire(now):
+                last_stream = chunk.stream
+                events, ends = chunk_events(conversation, chunk)
+                for event in events:
+                    await emit(event)
+                if ends:
+                    return
+                quiet.deadline = anyio.current_time() + timeout_s
             if held.superseded(turn):
                 interrupted = api.InterruptedEvent(conversation=conversation, stream=last_stream)
                 await emit(sse("interrupted", interrupted))
                 return
             if held.version != seen:
                 continue  # chunks came while this was emitting: read them before waiting
-            gap_ends = [since + gap_wait for since in gap_since.values()]
-            wake = min(gap_ends) - anyio.current_time() if gap_ends else math.inf
-            with anyio.move_on_after(max(0.0, wake)):
+            gap = order.wait_s(anyio.current_time())
+            with anyio.move_on_after(math.inf if gap is None else gap):
                 await held.changed()
     error = f"nothing more of this answer within {timeout_s:g} s; it may still come later"
     await emit(sse("error", api.ErrorEvent(error=error)))

@@ -96,3 +96,11 @@ async def test_chat_gives_each_chunk_once_in_order_across_copies_and_gaps(
                     # a chunk lost for good: the rest comes after the wait
                     await say(5, final=True, finish="done", closes_turn=True)
     assert [(c.stream, c.seq) for c in got] == [("a", 0), ("a", 1), ("a", 2), ("a", 3), ("a", 5)]
+
+
+def test_a_reader_resumed_mid_stream_gets_what_follows_only() -> None:
+    order = InOrder(gap_wait_s=5)
+    order.resume("s", 2)  # it had 0, 1 and 2
+    assert order.offer(_c(1), now=0) == [] and order.offer(_c(2), now=0) == []
+    assert _seqs(order.offer(_c(3), now=0)) == [3]
+    assert _seqs(order.offer(_c(0, stream="t"), now=0)) == [0]  # other streams from 0
