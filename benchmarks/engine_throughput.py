@@ -411,10 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         "--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run (cpu)"
     )
     args = parser.parse_args(argv)
-    # the engine's own choice per device: exact fp32 on the CPU, bf16 on CUDA
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     name = "engine_throughput" if args.device == "cpu" else f"engine_throughput_{args.device}"
-    precision = "fp32" if args.device == "cpu" else "bf16"
     new_tokens = args.tokens or (64 if args.quick else 256)
     rounds = args.rounds or (2 if args.quick else 3)
     aggregate_rounds = 1 if args.quick else 2
@@ -422,7 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     from engine.weights import load_model
 
     started = time.perf_counter()
-    model, tokenizer = load_model(device=args.device, dtype=dtype)
+    model, tokenizer = load_model(device=args.device)
+    dtype = model.dtype  # the engine's own choice: exact fp32 on the CPU, bf16 on CUDA
+    precision = "fp32" if dtype == torch.float32 else "bf16"
     weights = weight_bytes(model)
     del model
     hf = load_hf(args.device, dtype)

@@ -136,7 +136,8 @@ def normalize(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     """Llama's RMSNorm without its weight and its sqrt(dim), both folded into the matmul
     that follows (see `Model`): x / sqrt(|x|^2 + dim * eps), in fp32 like transformers.
 
-    x: [..., dim] (Qwen3's head norms pass [N, H, D]); floor: sqrt(dim * eps), 0-dim. Three small ops instead of RMSNorm's six:
+    x: [..., dim] (Qwen3's head norms pass [N, H, D]); floor: sqrt(dim * eps), 0-dim.
+    Three small ops instead of RMSNorm's six:
     a decode step normalises 61 times, and at one row per call the op count is the cost.
     """
     x32 = x.float()

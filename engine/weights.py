@@ -1,5 +1,5 @@
-"""Loading a Llama-family model (Llama, Mistral, Qwen2) and its tokenizer from a local
-directory or GGUF file.
+"""Loading a Llama-family model (Llama, Mistral, Qwen2, Qwen3) and its tokenizer from a
+local directory or GGUF file.
 
 A GGUF file is dequantised once with transformers' GGUF support and the result (config,
 tokenizer, fp32 safetensors) is cached under `$CHORUS_CACHE_DIR/models/`, so later
