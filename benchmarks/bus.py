@@ -287,14 +287,22 @@ def _process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _connect_publisher(route: Route) -> tuple[zmq.Context[Any], zmq.Socket[Any]]:
+@contextmanager
+def _publishing(route: Route, index: int, go: Event) -> Iterator[zmq.Socket[Any]]:
+    """A publisher's socket, connected and warmed up once ``go`` is set; on exit it waits
+    until everything queued is on its way."""
     ctx: zmq.Context[Any] = zmq.Context()
     sock = ctx.socket(zmq.PUB)
     curve_client(sock, route.key_dir, PUBLISHER, route.server_key)
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.XPUB_NODROP, 1)  # a full pipe blocks send instead of dropping
     sock.connect(route.pub_endpoint)
-    return ctx, sock
+    _warm_up(sock, index, go)
+    try:
+        yield sock
+    finally:
+        sock.close(linger=30_000)
+        ctx.term()
 
 
 def _warm_up(sock: zmq.Socket[Any], index: int, go: Event) -> None:
@@ -310,82 +318,62 @@ def _warm_up(sock: zmq.Socket[Any], index: int, go: Event) -> None:
         go.wait(0.02)
 
 
-def burst_publisher(
-    route: Route, index: int, count: int, body_bytes: int, go: Event, reports: Queue[Any]
-) -> None:
-    """Send ``count`` envelopes as fast as the path takes them."""
-    ctx, sock = _connect_publisher(route)
-    _warm_up(sock, index, go)
-    stamper = m.Stamper(PUBLISHER)
-    body = padded_body(body_bytes)
-    topic = TOPIC.encode()
-    cpu0, t0 = _cpu_s(), time.perf_counter()
-    for _ in range(count):
-        sock.send_multipart([topic, m.encode(stamper.stamp(TOPIC, body))])
-    reports.put(PublisherReport(count, time.perf_counter() - t0, _cpu_s() - cpu0))
-    sock.close(linger=30_000)  # wait until everything queued is on its way
-    ctx.term()
-
-
-def ticked_publisher(
+def bulk_publisher(
     route: Route,
     index: int,
     count: int,
-    rate: float,
+    rate: float | None,
     body_bytes: int,
     go: Event,
     reports: Queue[Any],
 ) -> None:
-    """Send ``count`` envelopes at ``rate`` per second: wake at most every ``TICK_S``,
-    send what is due by then (an absolute schedule: one late tick is made up by the next)."""
-    ctx, sock = _connect_publisher(route)
-    _warm_up(sock, index, go)
-    stamper = m.Stamper(PUBLISHER)
-    body = padded_body(body_bytes)
-    topic = TOPIC.encode()
-    cpu0, start = _cpu_s(), time.perf_counter()
-    sent = 0
-    while sent < count:
-        due = min(count, int((time.perf_counter() - start) * rate) + 1)
-        for _ in range(due - sent):
-            sock.send_multipart([topic, m.encode(stamper.stamp(TOPIC, body))])
-        sent = due
-        if sent < count:
-            time.sleep(max(start + sent / rate - time.perf_counter(), TICK_S))
-    reports.put(PublisherReport(count, time.perf_counter() - start, _cpu_s() - cpu0))
-    sock.close(linger=30_000)
-    ctx.term()
+    """Send ``count`` envelopes: ``rate`` None, as fast as the path takes them; else at
+    ``rate`` per second, waking at most every ``TICK_S`` to send what is due by then (an
+    absolute schedule: one late tick is made up by the next)."""
+    with _publishing(route, index, go) as sock:
+        stamper = m.Stamper(PUBLISHER)
+        body = padded_body(body_bytes)
+        topic = TOPIC.encode()
+        cpu0, start = _cpu_s(), time.perf_counter()
+        sent = 0
+        while sent < count:
+            elapsed = time.perf_counter() - start
+            due = count if rate is None else min(count, int(elapsed * rate) + 1)
+            for _ in range(due - sent):
+                sock.send_multipart([topic, m.encode(stamper.stamp(TOPIC, body))])
+            sent = due
+            if rate is not None and sent < count:
+                time.sleep(max(start + sent / rate - time.perf_counter(), TICK_S))
+        reports.put(PublisherReport(count, time.perf_counter() - start, _cpu_s() - cpu0))
 
 
 def paced_publisher(
     route: Route, count: int, rate: int, body_bytes: int, go: Event, reports: Queue[Any]
 ) -> None:
-    """Send ``count`` envelopes on an open-loop schedule of ``rate`` per second."""
-    ctx, sock = _connect_publisher(route)
-    _warm_up(sock, 0, go)
-    stamper = m.Stamper(PUBLISHER)
-    pad = padded_body(body_bytes, sent_ns=time.monotonic_ns()).data["pad"]
-    topic = TOPIC.encode()
-    interval_ns = 1_000_000_000 // rate
-    late_ns = np.zeros(count, dtype=np.int64)
-    cpu0 = _cpu_s()
-    start = time.monotonic_ns() + 1_000_000
-    now = start
-    for i in range(count):
-        due = start + i * interval_ns
-        now = time.monotonic_ns()
-        if now < due:
-            # sleep overshoots by ~50 µs; the schedule is absolute, so the rate holds
-            time.sleep((due - now) / 1e9)
+    """Send ``count`` envelopes on an open-loop schedule of ``rate`` per second, each
+    stamped with the moment it went."""
+    with _publishing(route, 0, go) as sock:
+        stamper = m.Stamper(PUBLISHER)
+        pad = padded_body(body_bytes, sent_ns=time.monotonic_ns()).data["pad"]
+        topic = TOPIC.encode()
+        interval_ns = 1_000_000_000 // rate
+        late_ns = np.zeros(count, dtype=np.int64)
+        cpu0 = _cpu_s()
+        start = time.monotonic_ns() + 1_000_000
+        now = start
+        for i in range(count):
+            due = start + i * interval_ns
             now = time.monotonic_ns()
-        late_ns[i] = now - due
-        body = m.Note(name="bench", data={"pad": pad, "sent_ns": now})
-        sock.send_multipart([topic, m.encode(stamper.stamp(TOPIC, body))])
-    seconds = (now - start) / 1e9
-    late_p99 = percentile(late_ns, 99) / 1e3
-    reports.put(PublisherReport(count, seconds, _cpu_s() - cpu0, late_p99_us=late_p99))
-    sock.close(linger=30_000)
-    ctx.term()
+            if now < due:
+                # sleep overshoots by ~50 µs; the schedule is absolute, so the rate holds
+                time.sleep((due - now) / 1e9)
+                now = time.monotonic_ns()
+            late_ns[i] = now - due
+            body = m.Note(name="bench", data={"pad": pad, "sent_ns": now})
+            sock.send_multipart([topic, m.encode(stamper.stamp(TOPIC, body))])
+        seconds = (now - start) / 1e9
+        late_p99 = percentile(late_ns, 99) / 1e3
+        reports.put(PublisherReport(count, seconds, _cpu_s() - cpu0, late_p99_us=late_p99))
 
 
 def subscriber(
@@ -625,8 +613,8 @@ def measure_throughput(
     run = run_parties(
         route,
         publishers,
-        burst_publisher,
-        lambda i: (i, per_publisher, body_bytes),
+        bulk_publisher,
+        lambda i: (i, per_publisher, None, body_bytes),
         sent,
         False,
         broker_pid,
@@ -667,7 +655,7 @@ def measure_trial(
     run = run_parties(
         route,
         publishers,
-        ticked_publisher,
+        bulk_publisher,
         lambda i: (i, per_publisher, rate / publishers, body_bytes),
         sent,
         False,
